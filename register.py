@@ -1,0 +1,1151 @@
+#!/usr/bin/env python3
+"""docker-etcd-register: keep etcd's ``<prefix>/<host-ip>/`` equal to this host's running containers.
+
+One instance runs on every Docker host. It writes one key per running container that publishes
+ports, ``<prefix>/<host-ip>/<image>/<container-id>``, whose value is a JSON array with one object
+per published port, and deletes the keys of containers that are gone. The design is a
+level-triggered reconciler: Docker events only say *which* container to look at; what gets written
+is always computed from Docker's and etcd's current state, so lost, duplicated or reordered events
+are harmless, and a periodic full reconcile repairs whatever drifted.
+
+Sections, in reading order: configuration, logging, records (pure), retry schedule, registry
+(etcd), engine (Docker), reconciler, main.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+from urllib.parse import urlsplit
+
+import backoff
+import docker
+import docker.errors
+import etcd
+import requests
+import urllib3
+
+VERSION = "1.0.0"
+PROG = "register.py"
+log = logging.getLogger("register")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+class ConfigError(Exception):
+    """Bad configuration: reported as one line on stderr, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    flag: str
+    default: str | None
+    expected: str  # what a good value looks like, in words
+    example: str
+    help: str
+
+
+SETTINGS = (
+    Setting("ETCD_ENDPOINT", "--etcd-endpoint", None,
+            "host:port, http://host:port or https://host:port, or a comma-separated list of them",
+            "http://127.0.0.1:2379",
+            "etcd v2 API endpoint(s); a comma-separated list for a cluster; port defaults to 2379; "
+            "IPv6 in brackets ([fd00::1]:2379). Required."),
+    Setting("HOST_IP", "--host-ip", None,
+            "this host's IPv4 or IPv6 address", "10.0.0.1",
+            "this host's address, as other hosts reach it; the second level of every key. Required."),
+    Setting("REGISTER_PREFIX", "--prefix", "/registered",
+            "an absolute etcd path below the root", "/registered",
+            "the top of the registry tree"),
+    Setting("REGISTER_TTL", "--ttl", "60",
+            "0 (no TTL) or a whole number of seconds from 3 up", "60",
+            "seconds the host directory outlives this service; refreshed every TTL/3; 0 turns it off"),
+    Setting("REGISTER_RESYNC", "--resync", "60",
+            "a whole number of seconds from 1 up", "60",
+            "seconds between full reconciles (the safety net that repairs any drift)"),
+    Setting("LOG_LEVEL", "--log-level", "info",
+            "debug, info, warning or error", "info", "log verbosity"),
+    Setting("LOG_FORMAT", "--log-format", "text",
+            "text or json", "json", "text, or json for one JSON object per line"),
+)
+SETTING = {s.env: s for s in SETTINGS}
+DEFAULT_ETCD_PORT = 2379
+MIN_TTL = 3
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+HOSTNAME_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?")
+PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9._:@-]+")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    protocol: str
+    host: str  # as written in a URL: an IPv6 address carries its brackets
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"{self.protocol}://{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Config:
+    etcd_endpoints: tuple[Endpoint, ...]
+    host_ip: str
+    prefix: str
+    ttl: int
+    resync: int
+    log_level: str
+    log_format: str
+    deregister_on_exit: bool
+
+    @property
+    def host_dir(self) -> str:
+        return f"{self.prefix}/{self.host_ip}"
+
+
+def _problem(setting: Setting, source: str, value: str, problem: str) -> ConfigError:
+    example = f"{source}={setting.example}"
+    return ConfigError(f"{source}={value!r}: {problem}; expected {setting.expected}, e.g. {example}")
+
+
+def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
+    """Parse ETCD_ENDPOINT; raises ValueError with the reason."""
+    endpoints = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            raise ValueError("an entry of the list is empty")
+        url = item if "://" in item else f"http://{item}"
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:  # port out of range or not a number, or a broken [IPv6]
+            detail = str(exc)
+            if "out of range" in detail:
+                raise ValueError(f"{item!r} has a port out of range 1-65535") from None
+            raise ValueError(f"{item!r} does not parse as host:port ({detail})") from None
+        if parts.scheme not in ("http", "https"):
+            raise ValueError(f"{item!r} has scheme {parts.scheme!r}, not http or https")
+        if parts.netloc.count(":") > 1 and not parts.netloc.startswith("["):
+            raise ValueError(f"{item!r}: an IPv6 address needs brackets, as in [fd00::1]:2379")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+            raise ValueError(f"{item!r} has more than a scheme, a host and a port")
+        host = parts.hostname or ""
+        if not host:
+            raise ValueError(f"{item!r} has no host")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            if not HOSTNAME_RE.fullmatch(host):
+                raise ValueError(f"{item!r}: {host!r} is neither an IP address nor a host name") from None
+        else:
+            if address.version == 6:
+                host = f"[{address}]"
+        if port == 0:
+            raise ValueError(f"{item!r} has a port out of range 1-65535")
+        endpoints.append(Endpoint(parts.scheme, host, port or DEFAULT_ETCD_PORT))
+    if len({e.protocol for e in endpoints}) > 1:
+        raise ValueError("the list mixes http and https")
+    return tuple(endpoints)
+
+
+def parse_host_ip(text: str) -> str:
+    """Canonical text of HOST_IP (IPv6 compressed, lower case); raises ValueError with the reason."""
+    if "%" in text:
+        raise ValueError("is an address with a zone, which other hosts cannot use")
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError("is not an IPv4 or IPv6 address") from None
+    if address.is_unspecified:
+        raise ValueError("is the unspecified address, which names no host")
+    return str(address)
+
+
+def parse_prefix(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError("does not start with /")
+    segments = text.strip("/").split("/")
+    if segments == [""]:
+        raise ValueError("is the root, which would mix the registry with everything else")
+    for segment in segments:
+        if not PREFIX_SEGMENT_RE.fullmatch(segment):
+            raise ValueError(f"has an empty or unusual path segment {segment!r}")
+    return "/" + "/".join(segments)
+
+
+def parse_seconds(text: str, minimum: int, allow_zero: bool) -> int:
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError("is not a whole number of seconds")
+    value = int(text)
+    if value == 0 and allow_zero:
+        return 0
+    if value < minimum:
+        raise ValueError(f"is below {minimum}")
+    return value
+
+
+def parse_choice(choices: Iterable[str]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.lower() not in choices:
+            raise ValueError("is not one of the choices")
+        return text.lower()
+    return parse
+
+
+PARSERS: Mapping[str, Callable[[str], object]] = {
+    "ETCD_ENDPOINT": parse_endpoints,
+    "HOST_IP": parse_host_ip,
+    "REGISTER_PREFIX": parse_prefix,
+    "REGISTER_TTL": lambda text: parse_seconds(text, MIN_TTL, allow_zero=True),
+    "REGISTER_RESYNC": lambda text: parse_seconds(text, 1, allow_zero=False),
+    "LOG_LEVEL": parse_choice(LOG_LEVELS),
+    "LOG_FORMAT": parse_choice(("text", "json")),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2, as for every other bad configuration
+        raise ConfigError(message)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Register this host's running containers and their published ports in etcd "
+                    "(v2 API) under <prefix>/<host-ip>/<image>/<container-id>, and keep them equal "
+                    "to the truth. Every setting is an environment variable and a flag; the flag "
+                    "wins. Docker is reached as the Docker CLI does (DOCKER_HOST, DOCKER_TLS_VERIFY, "
+                    "DOCKER_CERT_PATH; the local socket by default).",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    for s in SETTINGS:
+        default = f" (default: {s.default})" if s.default is not None else ""
+        parser.add_argument(s.flag, dest=s.env, metavar=s.env, default=None,
+                            help=f"{s.help} [env {s.env}]{default}")
+    parser.add_argument("--deregister-on-exit", action="store_true",
+                        help="on SIGTERM/SIGINT delete this host's subtree before exiting "
+                             "(by default records stay, so a restart makes nothing flap)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
+    return parser
+
+
+def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
+    """Settings from flags, then the environment, then defaults; each one validated."""
+    args = build_arg_parser().parse_args(argv)
+    values = {}
+    for s in SETTINGS:
+        flag_value = getattr(args, s.env)
+        if flag_value is not None:
+            source, text = s.flag, flag_value
+        elif s.env in environ:
+            source, text = s.env, environ[s.env]
+        elif s.default is not None:
+            source, text = s.env, s.default
+        else:
+            raise ConfigError(f"{s.env} is not set (nor {s.flag}); expected {s.expected}, "
+                              f"e.g. {s.env}={s.example}")
+        if not text.strip():
+            raise ConfigError(f"{source} is empty; expected {s.expected}, e.g. {source}={s.example}")
+        try:
+            values[s.env] = PARSERS[s.env](text.strip())
+        except ValueError as exc:
+            raise _problem(s, source, text, str(exc)) from None
+    return Config(
+        etcd_endpoints=values["ETCD_ENDPOINT"], host_ip=values["HOST_IP"],
+        prefix=values["REGISTER_PREFIX"], ttl=values["REGISTER_TTL"],
+        resync=values["REGISTER_RESYNC"], log_level=values["LOG_LEVEL"],
+        log_format=values["LOG_FORMAT"], deregister_on_exit=args.deregister_on_exit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------------------
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record.created)} {record.levelname.lower():7} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and the structured fields of the event."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": _timestamp(record.created), "level": record.levelname.lower(),
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LOG_LEVELS[config.log_level])
+    # The libraries log every failed request on their own; this service logs each failure once,
+    # with its cause and what happens next.
+    for noisy in ("etcd", "urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def log_event(level: int, message: str, **fields) -> None:
+    log.log(level, message, extra={"fields": fields})
+
+
+def describe(exc: BaseException) -> str:
+    """The root cause of a connection-level failure, short enough for one log line."""
+    seen = exc
+    for _ in range(8):
+        inner = (getattr(seen, "cause", None) or getattr(seen, "reason", None)
+                 or seen.__cause__ or seen.__context__)
+        if not isinstance(inner, BaseException):
+            break
+        seen = inner
+    if isinstance(seen, (TimeoutError, socket.timeout, urllib3.exceptions.TimeoutError,
+                         requests.exceptions.Timeout)):
+        return "timed out"
+    if isinstance(seen, OSError) and seen.strerror:
+        return seen.strerror.lower()
+    text = str(seen) or type(seen).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: pure functions from `docker inspect` data to a key and a value. No I/O.
+# ---------------------------------------------------------------------------------------------
+
+class RecordError(ValueError):
+    """Docker reported data that cannot be turned into records."""
+
+
+class Entry(NamedTuple):
+    """What one container contributes to the registry: one key, one value."""
+    container_id: str
+    name: str
+    image: str  # as Docker reports it (Config.Image), for logs
+    key: str
+    value: str
+    ports: str  # for logs: 80/tcp=10.0.0.1:49153,...
+
+
+CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}")
+PORT_KEY_RE = re.compile(r"([0-9]{1,5})/(tcp|udp|sctp)")
+IMAGE_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")
+WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
+
+
+def image_key(image: object) -> str:
+    """The image part of a key: `:latest` made explicit, every `/` replaced by `::`."""
+    if not isinstance(image, str) or not image:
+        raise RecordError(f"image reference {image!r} is empty or not text")
+    reference = image
+    if "@" not in reference and ":" not in reference.rsplit("/", 1)[-1]:
+        reference += ":latest"
+    key = reference.replace("/", "::")
+    if not IMAGE_KEY_RE.fullmatch(key):
+        raise RecordError(f"image reference {image!r} has characters that cannot be part of a key")
+    return key
+
+
+def _port_number(text: object, what: str) -> int:
+    if not isinstance(text, str) or not re.fullmatch(r"[0-9]{1,5}", text) or not 0 < int(text) < 65536:
+        raise RecordError(f"{what} {text!r} is not a port number")
+    return int(text)
+
+
+def _port_key(text: object) -> tuple[int, str]:
+    match = PORT_KEY_RE.fullmatch(text) if isinstance(text, str) else None
+    if not match:
+        raise RecordError(f"port {text!r} is not of the form 80/tcp")
+    return _port_number(match.group(1), "container port"), match.group(2)
+
+
+def _advertised_ip(host_ip_binding: object, host_ip: str) -> str | None:
+    """The address to advertise for a binding; None for loopback-only bindings."""
+    if host_ip_binding is None or host_ip_binding in WILDCARD_ADDRESSES:
+        return host_ip
+    try:
+        address = ipaddress.ip_address(host_ip_binding)
+    except (ValueError, TypeError):
+        raise RecordError(f"binding address {host_ip_binding!r} is not an IP address") from None
+    if address.is_loopback:
+        return None
+    if address.is_unspecified:
+        return host_ip
+    return str(address)
+
+
+def port_records(inspect: Mapping, host_ip: str) -> list[tuple[int, str, str, int]]:
+    """(private port, type, advertised ip, public port) for every published port, sorted, unique."""
+    host_config = inspect.get("HostConfig") or {}
+    if host_config.get("NetworkMode") == "host":
+        exposed = (inspect.get("Config") or {}).get("ExposedPorts") or {}
+        if not isinstance(exposed, Mapping):
+            raise RecordError("Config.ExposedPorts is not a mapping")
+        return sorted({(port, kind, host_ip, port) for port, kind in map(_port_key, exposed)})
+    ports = (inspect.get("NetworkSettings") or {}).get("Ports") or {}
+    if not isinstance(ports, Mapping):
+        raise RecordError("NetworkSettings.Ports is not a mapping")
+    records = set()
+    for port_key, bindings in ports.items():
+        private, kind = _port_key(port_key)
+        if bindings is None:  # exposed, not published
+            continue
+        if not isinstance(bindings, list):
+            raise RecordError(f"bindings of {port_key} are not a list")
+        for binding in bindings:
+            if not isinstance(binding, Mapping):
+                raise RecordError(f"a binding of {port_key} is not a mapping")
+            public = _port_number(binding.get("HostPort"), f"host port of {port_key}")
+            ip = _advertised_ip(binding.get("HostIp"), host_ip)
+            if ip is not None:
+                records.add((private, kind, ip, public))
+    return sorted(records)  # by private port, type, ip, public port: the contract's order
+
+
+def is_running(inspect: Mapping) -> bool:
+    """Running or paused (paused containers resume where they were); not restarting."""
+    state = inspect.get("State") or {}
+    return bool(state.get("Running")) and not state.get("Restarting")
+
+
+def container_name(inspect: Mapping) -> str:
+    name = inspect.get("Name")
+    return name.lstrip("/") if isinstance(name, str) and name else "?"
+
+
+def desired_entry(inspect: Mapping, host_ip: str, prefix: str) -> Entry | None:
+    """The key and value a container should have; None when it is not running or publishes nothing.
+
+    Raises RecordError when Docker's data cannot be turned into records.
+    """
+    container_id = inspect.get("Id")
+    if not isinstance(container_id, str) or not CONTAINER_ID_RE.fullmatch(container_id):
+        raise RecordError(f"container id {container_id!r} is not 64 hex digits")
+    if not is_running(inspect):
+        return None
+    records = port_records(inspect, host_ip)
+    if not records:
+        return None
+    image = (inspect.get("Config") or {}).get("Image")
+    image_part = image_key(image)
+    value = json.dumps([
+        {"container": container_id, "image": image_part, "ip": ip, "public_port": str(public),
+         "private_port": str(private), "port_type": kind}
+        for private, kind, ip, public in records], separators=(",", ":"))
+    ports = ",".join(f"{private}/{kind}={_host_port(ip, public)}"
+                     for private, kind, ip, public in records)
+    return Entry(container_id, container_name(inspect), image,
+                 f"{prefix}/{host_ip}/{image_part}/{container_id}", value, ports)
+
+
+def _host_port(ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def key_container_id(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry schedule
+# ---------------------------------------------------------------------------------------------
+
+class RetrySchedule:
+    """Exponential backoff with full jitter, from the `backoff` library's generators.
+
+    The waiting itself is done by the caller on a stop event, so a shutdown never waits out a
+    backoff delay.
+    """
+
+    def __init__(self, first: float = 0.5, cap: float = 30.0,
+                 jitter: Callable[[float], float] | None = backoff.full_jitter):
+        self._first, self._cap, self._jitter = first, cap, jitter
+        self.failures = 0
+        self._delays = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.failures = 0
+        self._delays = backoff.expo(base=2, factor=self._first, max_value=self._cap)
+        next(self._delays)  # advance past the generator's priming yield
+
+    def next_delay(self) -> float:
+        self.failures += 1
+        delay = next(self._delays)
+        return self._jitter(delay) if self._jitter else delay
+
+
+class Timer:
+    """A repeating deadline on the monotonic clock."""
+
+    def __init__(self, interval: float, due_now: bool = True):
+        self.interval = interval
+        self._due = time.monotonic() if due_now else time.monotonic() + interval
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._due
+
+    def restart(self) -> None:
+        self._due = time.monotonic() + self.interval
+
+    def remaining(self) -> float:
+        return max(0.0, self._due - time.monotonic())
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: the etcd v2 adapter. It knows this host's subtree and nothing of Docker.
+# ---------------------------------------------------------------------------------------------
+
+class Unavailable(Exception):
+    """An external system could not be reached; the work stays pending and is retried."""
+
+
+class RegistryUnavailable(Unavailable):
+    pass
+
+
+class EngineUnavailable(Unavailable):
+    pass
+
+
+class Subtree(NamedTuple):
+    leaves: dict  # key -> value
+    dirs: set  # every directory below the host directory
+
+
+class EtcdRegistry:
+    """Reads and writes this host's subtree only; every write is checked to stay inside it."""
+
+    TIMEOUT = 5  # seconds for one request: a stalled etcd must not stall the service
+    POOL = 16
+
+    def __init__(self, config: Config):
+        self.endpoints = config.etcd_endpoints
+        self.host_dir = config.host_dir
+        self.ttl = config.ttl
+        self._client: etcd.Client | None = None
+        self._current = 0
+        self._lock = threading.Lock()
+        self._dir_ready = False
+        self.closed = False
+        self.writes = 0  # record puts and deletes, for the operator and the benchmark
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self._current % len(self.endpoints)]
+
+    def _connection(self) -> etcd.Client:
+        # One client per endpoint, rebuilt after any connection failure: python-etcd gives up on
+        # a server list for good once every member failed, and this service must never give up.
+        with self._lock:
+            if self._client is None:
+                ep = self.endpoint
+                self._client = etcd.Client(host=ep.host, port=ep.port, protocol=ep.protocol,
+                                           read_timeout=self.TIMEOUT, allow_reconnect=False,
+                                           per_host_pool_size=self.POOL)
+            return self._client
+
+    def _call(self, operation: Callable[[etcd.Client], object]):
+        client = self._connection()
+        try:
+            return operation(client)
+        except (etcd.EtcdKeyError, etcd.EtcdValueError):
+            raise  # the key's state, handled by the caller
+        except (etcd.EtcdException, urllib3.exceptions.HTTPError, OSError) as exc:
+            with self._lock:
+                if self._client is client:  # the first thread to see the failure moves on
+                    self._client = None
+                    self._current += 1
+                self._dir_ready = False  # after any error, ensure the directory before writing
+            raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {describe(exc)}") from exc
+
+    def _check_inside(self, key: str) -> None:
+        if not key.startswith(self.host_dir + "/"):
+            raise AssertionError(f"refusing to touch {key!r}, outside {self.host_dir}/")
+        if self.closed:
+            raise RegistryUnavailable("the service is stopping")
+
+    # -- the host directory ----------------------------------------------------------------
+
+    def ensure_host_dir(self) -> bool:
+        """Make sure the host directory exists, with its TTL, before any child is written.
+
+        etcd v2 creates missing parents without a TTL, which would silently remove the safety net.
+        Returns True when the directory was missing or had lost its TTL: whatever was under it
+        cannot be trusted, and a full reconcile must follow.
+        """
+        if self._dir_ready:
+            return False
+        ttl = self.ttl or None
+        try:
+            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=ttl, prevExist=False))
+            repaired = True
+        except etcd.EtcdAlreadyExist:
+            node = self._call(lambda c: c.read(self.host_dir))
+            repaired = False
+            if not node.dir:  # a value sits where the directory belongs: it is ours to replace
+                self._call(lambda c: c.delete(self.host_dir))
+                self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=ttl, prevExist=False))
+                repaired = True
+            elif (node.ttl is None) != (ttl is None):  # TTL lost, or TTL setting changed
+                self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=ttl, prevExist=True))
+                repaired = ttl is not None
+        self._dir_ready = True
+        return repaired
+
+    def refresh(self) -> bool:
+        """Extend the host directory's TTL with one write that wakes no watcher.
+
+        Returns False when the directory had gone (expired or wiped) or had lost its TTL (re-created
+        by a child write): the caller must re-register everything.
+        """
+        try:
+            result = self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl,
+                                                  refresh=True, prevExist=True))
+        except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
+            self._dir_ready = False
+            return False
+        previous = getattr(result, "_prev_node", None)
+        return previous is not None and previous.ttl is not None
+
+    # -- records ----------------------------------------------------------------------------
+
+    def read_subtree(self) -> Subtree:
+        try:
+            top = self._call(lambda c: c.read(self.host_dir, recursive=True))
+        except etcd.EtcdKeyNotFound:
+            return Subtree({}, set())
+        leaves, dirs = {}, set()
+        for node in top.get_subtree():
+            if node.key == self.host_dir:
+                continue
+            if node.dir:
+                dirs.add(node.key)
+            else:
+                leaves[node.key] = node.value
+        return Subtree(leaves, dirs)
+
+    def put(self, key: str, value: str) -> None:
+        self._check_inside(key)
+        self._call(lambda c: c.write(key, value))
+        self.writes += 1
+
+    def delete(self, key: str) -> None:
+        self._check_inside(key)
+        try:
+            self._call(lambda c: c.delete(key))
+            self.writes += 1
+        except etcd.EtcdKeyNotFound:
+            pass
+
+    def delete_tree(self, key: str) -> None:
+        self._check_inside(key)
+        with contextlib.suppress(etcd.EtcdKeyNotFound):
+            self._call(lambda c: c.delete(key, recursive=True, dir=True))
+
+    def prune(self, directory: str) -> None:
+        """Remove a directory if it is empty; anything else is fine as it is."""
+        if directory != self.host_dir:
+            self._check_inside(directory)
+        try:
+            self._call(lambda c: c.delete(directory, dir=True))
+        except (etcd.EtcdKeyNotFound, etcd.EtcdDirNotEmpty, etcd.EtcdNotDir, etcd.EtcdNotFile):
+            pass
+        except etcd.EtcdException as exc:  # e.g. "Directory not empty" reported with another code
+            if "not empty" not in str(exc).lower():
+                raise
+
+    def prune_after_delete(self, key: str) -> None:
+        image_dir = key.rsplit("/", 1)[0]
+        if image_dir != self.host_dir:
+            self.prune(image_dir)
+        self.prune_host_dir()
+
+    def prune_host_dir(self) -> None:
+        """With REGISTER_TTL=0 an empty host directory goes; with a TTL it stays, as a heartbeat."""
+        if not self.ttl:
+            self.prune(self.host_dir)
+            self._dir_ready = False
+
+    def delete_host_subtree(self) -> None:
+        with contextlib.suppress(etcd.EtcdKeyNotFound):
+            self._call(lambda c: c.delete(self.host_dir, recursive=True, dir=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Engine: the Docker adapter. It knows containers and events and nothing of etcd.
+# ---------------------------------------------------------------------------------------------
+
+WATCHED_ACTIONS = ("start", "die", "destroy")
+
+
+class DockerEngine:
+    TIMEOUT = 30  # seconds for one request (the event stream has none)
+
+    def __init__(self):
+        self._api: docker.APIClient | None = None
+        self._lock = threading.Lock()
+        self._stream = None
+        self.address = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
+    def _client(self) -> docker.APIClient:
+        with self._lock:
+            if self._api is None:
+                try:
+                    self._api = docker.APIClient(version="auto", timeout=self.TIMEOUT,
+                                                 **docker.utils.kwargs_from_env())
+                except docker.errors.DockerException as exc:
+                    raise EngineUnavailable(f"Docker at {self.address} failed: {describe(exc)}") from exc
+            return self._api
+
+    def _unavailable(self, exc: BaseException) -> EngineUnavailable:
+        return EngineUnavailable(f"Docker at {self.address} failed: {describe(exc)}")
+
+    def running_ids(self) -> list[str]:
+        try:
+            return [c["Id"] for c in self._client().containers(quiet=True)]
+        except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+            raise self._unavailable(exc) from exc
+
+    def inspect(self, container_id: str) -> dict | None:
+        """The container's inspect data; None when it no longer exists."""
+        try:
+            return self._client().inspect_container(container_id)
+        except docker.errors.NotFound:
+            return None
+        except requests.exceptions.RequestException as exc:
+            raise self._unavailable(exc) from exc
+
+    def events(self, since: str | None):
+        """Subscribe to container events; the connection is made before this returns."""
+        try:
+            stream = self._client().events(
+                since=since, decode=True,
+                filters={"type": ["container"], "event": list(WATCHED_ACTIONS)})
+        except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+            with self._lock:
+                self._api = None
+            raise self._unavailable(exc) from exc
+        self._stream = stream
+        return stream
+
+    def close(self) -> None:
+        stream = self._stream
+        if stream is not None:
+            with contextlib.suppress(Exception):  # closing a half-broken socket: nothing to do
+                stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reconciler: desired state (Docker) against actual state (etcd)
+# ---------------------------------------------------------------------------------------------
+
+UNKNOWN = object()  # a container Docker failed to describe this time: leave its record as it is
+
+
+class Reconciler:
+    """Keeps the host subtree equal to the running containers.
+
+    A single worker thread does all writing. Events only mark containers dirty (a set, so bursts
+    coalesce per container and memory stays bounded); a full reconcile runs on start, on every
+    reconnect to Docker, when the host directory was lost, and every `resync` seconds.
+    """
+
+    MAX_DIRTY = 10_000  # beyond this, one full reconcile is cheaper than tracking each container
+    WORKERS = 8
+
+    def __init__(self, config: Config, registry: EtcdRegistry, engine: DockerEngine,
+                 stop: threading.Event):
+        self.config = config
+        self.registry = registry
+        self.engine = engine
+        self.stop = stop
+        self._cond = threading.Condition()
+        self._dirty: set[str] = set()
+        self._full_reasons: dict[str, None] = {}  # why a full reconcile is due (an ordered set)
+        self._events_connected = False
+        self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
+        self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
+        self._resync = Timer(config.resync, due_now=False)
+        self._refresh = Timer(config.ttl / 3, due_now=False) if config.ttl else None
+        self._failures = RetrySchedule()
+        self._down: str | None = None  # what failed last, until it works again
+        self.full_reconciles = 0
+
+    # -- inputs from other threads -----------------------------------------------------------
+
+    def mark_dirty(self, container_id: str) -> None:
+        with self._cond:
+            if len(self._dirty) >= self.MAX_DIRTY:
+                self._dirty.clear()
+                self._full_reasons.setdefault(f"more than {self.MAX_DIRTY} containers pending")
+            else:
+                self._dirty.add(container_id)
+            self._cond.notify()
+
+    def request_full(self, reason: str) -> None:
+        with self._cond:
+            self._full_reasons.setdefault(reason)
+            self._cond.notify()
+
+    def set_events_connected(self, connected: bool) -> None:
+        with self._cond:
+            self._events_connected = connected
+            if connected:
+                self._full_reasons.setdefault("connected to Docker's event stream")
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- the worker ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                self._step()
+            except Unavailable as exc:
+                self._back_off(str(exc))
+            except Exception as exc:  # a bug: log it whole, keep serving
+                log.exception("unexpected error in the reconciler: %s", exc)
+                self._back_off(f"unexpected error: {exc}")
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _back_off(self, cause: str) -> None:
+        delay = self._failures.next_delay()
+        with self._cond:
+            pending = len(self._dirty)
+        log_event(logging.WARNING,
+                  f"{cause}; {pending} container(s) pending; retrying in {delay:.1f} s",
+                  event="retry", cause=cause, retry_in=round(delay, 3), pending=pending)
+        self._down = cause
+        self.stop.wait(delay)
+
+    def _recovered(self) -> None:
+        if self._down is not None:
+            log_event(logging.INFO, f"recovered after {self._failures.failures} failed attempt(s); "
+                      f"last cause: {self._down}", event="recovered")
+            self._down = None
+        self._failures.reset()
+
+    def _step(self) -> None:
+        if self.registry.ensure_host_dir():
+            self._note_full(f"host directory {self.registry.host_dir} was (re)created")
+        if self._refresh is not None and self._refresh.due():
+            if not self.registry.refresh():
+                log_event(logging.WARNING, f"host directory {self.registry.host_dir} had expired or "
+                          "lost its TTL; re-registering everything", event="host_dir_lost")
+                self.registry.ensure_host_dir()
+                self._note_full("host directory had expired")
+            self._refresh.restart()
+        full, dirty = self._take_work()
+        if full is not None:
+            self._full_reconcile(full)
+        elif dirty:
+            self._sync(dirty)
+        self._recovered()
+        if full is None and not dirty:
+            self._wait_for_work()
+
+    def _note_full(self, reason: str) -> None:
+        with self._cond:
+            self._full_reasons.setdefault(reason)
+
+    def _take_work(self):
+        """(reasons for a full reconcile or None, dirty ids); Docker work only while connected."""
+        with self._cond:
+            if not self._events_connected:
+                return None, set()
+            if self._resync.due():
+                self._full_reasons.setdefault("periodic resync")
+            if self._full_reasons:
+                reasons, self._full_reasons = list(self._full_reasons), {}
+                self._dirty.clear()  # the full reconcile looks at every container anyway
+                return reasons, set()
+            dirty, self._dirty = self._dirty, set()
+            return None, dirty
+
+    def _wait_for_work(self) -> None:
+        with self._cond:
+            if self._dirty or self._full_reasons or self.stop.is_set():
+                return
+            deadlines = []
+            if self._events_connected:
+                deadlines.append(self._resync.remaining())
+            if self._refresh is not None:
+                deadlines.append(self._refresh.remaining())
+            self._cond.wait(min(deadlines) if deadlines else None)
+
+    # -- desired state ---------------------------------------------------------------------
+
+    def _desired(self, container_id: str):
+        """Entry, None (no record wanted) or UNKNOWN (Docker could not tell this time)."""
+        try:
+            inspect = self.engine.inspect(container_id)
+        except docker.errors.APIError as exc:
+            log_event(logging.WARNING, f"skipping container {container_id[:12]}: inspect failed: "
+                      f"{describe(exc)}", event="skipped", id=container_id[:12])
+            return UNKNOWN
+        if inspect is None:
+            return None
+        try:
+            return desired_entry(inspect, self.config.host_ip, self.config.prefix)
+        except RecordError as exc:
+            log_event(logging.WARNING, f"container {container_name(inspect)} ({container_id[:12]}) "
+                      f"treated as publishing nothing: {exc}", event="bad_container",
+                      container=container_name(inspect), id=container_id[:12], cause=str(exc))
+            return None
+
+    def _desired_all(self, container_ids: Iterable[str]) -> dict:
+        ids = list(container_ids)
+        return dict(zip(ids, self._pool.map(self._desired, ids)))
+
+    # -- applying --------------------------------------------------------------------------
+
+    def _register(self, entry: Entry, previous: Entry | None) -> None:
+        self.registry.put(entry.key, entry.value)
+        verb = "registered" if previous is None or previous.key != entry.key else "updated"
+        log_event(logging.INFO, f"{verb} {entry.name} ({entry.container_id[:12]}) image {entry.image} "
+                  f"ports {entry.ports}", event=verb, container=entry.name,
+                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
+
+    def _unregister(self, entry: Entry, why: str) -> None:
+        self.registry.delete(entry.key)
+        self.registry.prune_after_delete(entry.key)
+        log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
+                  f"ports {entry.ports}: {why}", event="removed", container=entry.name,
+                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
+
+    def _converge_one(self, container_id: str, want) -> None:
+        """Make one container's key right, given what is known to be in etcd."""
+        if want is UNKNOWN:
+            return
+        have = self.known.get(container_id)
+        if want is not None:
+            if have is None or (have.key, have.value) != (want.key, want.value):
+                self._register(want, have)
+            self.known[container_id] = want
+        if have is not None and (want is None or have.key != want.key):
+            self._unregister(have, "container stopped or gone" if want is None else "key changed")
+            if want is None:
+                self.known.pop(container_id, None)
+
+    def _sync(self, dirty: set[str]) -> None:
+        """Bring the dirty containers' keys in line; on failure they all stay dirty."""
+        try:
+            wanted = self._desired_all(dirty)
+            failures = []
+
+            def converge(item):
+                try:
+                    self._converge_one(*item)
+                except Unavailable as exc:
+                    failures.append((item[0], exc))
+
+            list(self._pool.map(converge, wanted.items()))
+        except Unavailable:
+            self._requeue(dirty)
+            raise
+        if failures:
+            self._requeue(cid for cid, _ in failures)
+            raise failures[0][1]
+
+    def _requeue(self, container_ids: Iterable[str]) -> None:
+        with self._cond:
+            self._dirty.update(container_ids)
+
+    def _full_reconcile(self, reasons: list[str]) -> None:
+        try:
+            self._full_reconcile_once(reasons)
+        except Unavailable:
+            with self._cond:
+                self._full_reasons.update(dict.fromkeys(reasons))
+            raise
+        self._resync.restart()
+
+    def _full_reconcile_once(self, reasons: list[str]) -> None:
+        started = time.monotonic()
+        writes_before = self.registry.writes
+        wanted = self._desired_all(self.engine.running_ids())
+        desired = {entry.key: entry for entry in wanted.values() if isinstance(entry, Entry)}
+        unknown = {cid for cid, entry in wanted.items() if entry is UNKNOWN}
+        actual = self.registry.read_subtree()
+
+        known = {}
+        for key, value in actual.leaves.items():  # records already right are left untouched
+            entry = desired.get(key)
+            if entry is not None and entry.value == value:
+                known[entry.container_id] = entry
+        self.known = known
+        puts = [entry for key, entry in desired.items() if key not in actual.leaves
+                or actual.leaves[key] != entry.value]
+        stale = [key for key in actual.leaves
+                 if key not in desired and key_container_id(key) not in unknown]
+
+        def put(entry: Entry) -> None:
+            self._register(entry, None)
+            self.known[entry.container_id] = entry
+
+        def delete(key: str) -> None:
+            self.registry.delete(key)
+            log_event(logging.INFO, f"removed stale record {key}", event="removed", key=key)
+
+        for _ in self._pool.map(put, puts):
+            pass
+        for _ in self._pool.map(delete, stale):
+            pass
+        # Directories holding no wanted record go: image directories left empty, and anything
+        # deeper than a record (which no version of this service writes).
+        keep = {key.rsplit("/", 1)[0] for key in desired}
+        keep |= {key.rsplit("/", 1)[0] for key in actual.leaves if key_container_id(key) in unknown}
+        doomed = actual.dirs - keep
+        for directory in doomed:
+            if directory.rsplit("/", 1)[0] not in doomed:  # its parent's deletion takes it along
+                self.registry.delete_tree(directory)
+        if not desired and not unknown:
+            self.registry.prune_host_dir()
+        self.full_reconciles += 1
+        log_event(logging.INFO if puts or stale else logging.DEBUG,
+                  f"full reconcile ({', '.join(reasons)}): {len(desired)} record(s), "
+                  f"{len(puts)} written, {len(stale)} removed, "
+                  f"{len(desired) - len(puts)} already right, in {time.monotonic() - started:.2f} s",
+                  event="reconciled", records=len(desired), written=len(puts), removed=len(stale),
+                  writes=self.registry.writes - writes_before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Event stream
+# ---------------------------------------------------------------------------------------------
+
+def since_from(event: Mapping) -> str | None:
+    """Docker's `since=` form (seconds.nanoseconds) for resuming after this event."""
+    nanos = event.get("timeNano")
+    if isinstance(nanos, int):
+        return f"{nanos // 1_000_000_000}.{nanos % 1_000_000_000:09d}"
+    seconds = event.get("time")
+    return str(seconds) if isinstance(seconds, int) else None
+
+
+def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.Event) -> None:
+    """Feed container ids from Docker's event stream to the reconciler; reconnect for ever."""
+    since: str | None = None
+    failures = RetrySchedule()
+    ever_connected = False
+    while not stop.is_set():
+        try:
+            stream = engine.events(since)
+        except Unavailable as exc:
+            delay = failures.next_delay()
+            what = "waiting for Docker" if not ever_connected else "reconnecting to Docker"
+            log_event(logging.WARNING, f"{what}: {exc}; retrying in {delay:.1f} s",
+                      event="retry", cause=str(exc), retry_in=round(delay, 3))
+            stop.wait(delay)
+            continue
+        if ever_connected:
+            log_event(logging.INFO, f"reconnected to Docker at {engine.address} after "
+                      f"{failures.failures} failed attempt(s), resuming events since {since}",
+                      event="reconnected", since=since)
+        else:
+            log_event(logging.INFO, f"connected to Docker at {engine.address}", event="connected")
+        ever_connected = True
+        failures.reset()
+        reconciler.set_events_connected(True)
+        cause = "the stream was closed by Docker"
+        try:
+            for event in stream:
+                since = since_from(event) or since
+                container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
+                if event.get("Action", event.get("status")) in WATCHED_ACTIONS and container_id:
+                    reconciler.mark_dirty(container_id)
+        except Exception as exc:  # the connection broke: reconnect
+            cause = describe(exc)
+        reconciler.set_events_connected(False)
+        if not stop.is_set():
+            log_event(logging.WARNING, f"lost Docker's event stream ({cause}); reconnecting",
+                      event="disconnected", cause=cause)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+SHUTDOWN_SECONDS = 1.5
+
+
+def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    try:
+        config = load_config(argv, environ)
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(config)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    registry = EtcdRegistry(config)
+    engine = DockerEngine()
+    reconciler = Reconciler(config, registry, engine, stop)
+    log_event(logging.INFO,
+              f"docker-etcd-register {VERSION}: host {config.host_ip}, etcd "
+              f"{','.join(e.url for e in config.etcd_endpoints)}, subtree {config.host_dir}/, "
+              f"ttl {config.ttl} s, resync {config.resync} s",
+              event="starting", host_ip=config.host_ip, prefix=config.prefix)
+    threads = [threading.Thread(target=reconciler.run, name="reconciler", daemon=True),
+               threading.Thread(target=follow_events, args=(engine, reconciler, stop),
+                                name="events", daemon=True)]
+    for thread in threads:
+        thread.start()
+    stop.wait()
+
+    deadline = time.monotonic() + SHUTDOWN_SECONDS
+    registry.closed = config.deregister_on_exit  # no write may land after the subtree is deleted
+    reconciler.wake()
+    engine.close()
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if config.deregister_on_exit:
+        try:
+            registry.delete_host_subtree()
+            log.info("deleted %s/ (--deregister-on-exit)", config.host_dir)
+        except Unavailable as exc:
+            log.error("could not delete %s/ on exit: %s; it expires with its TTL", config.host_dir, exc)
+    log.info("stopped; %d record(s) left in place", 0 if config.deregister_on_exit
+             else len(reconciler.known))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
