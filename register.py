@@ -122,46 +122,57 @@ class Config:
 
 def _problem(setting: Setting, source: str, value: str, problem: str) -> ConfigError:
     example = f"{source}={setting.example}"
-    return ConfigError(f"{source}={value!r}: {problem}; expected {setting.expected}, e.g. {example}")
+    return ConfigError(f"{source}={value!r} {problem}; expected {setting.expected}, e.g. {example}")
+
+
+def _parse_endpoint(item: str) -> Endpoint:
+    """One entry of ETCD_ENDPOINT; raises ValueError with what is wrong with it."""
+    url = item if "://" in item else f"http://{item}"
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError("has a broken [IPv6] address") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"has scheme {parts.scheme!r}, not http or https")
+    if parts.netloc.count(":") > 1 and not parts.netloc.startswith("["):
+        raise ValueError("has an IPv6 address without brackets, as in [fd00::1]:2379")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError("has more than a scheme, a host and a port")
+    try:
+        port = parts.port
+    except ValueError as exc:
+        if "out of range" in str(exc):
+            raise ValueError("has a port out of range 1-65535") from None
+        raise ValueError("has a port that is not a number") from None
+    if port == 0:
+        raise ValueError("has a port out of range 1-65535")
+    host = parts.hostname or ""
+    if not host:
+        raise ValueError("has no host")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if not HOSTNAME_RE.fullmatch(host):
+            raise ValueError(f"has a host, {host!r}, that is neither an IP address nor a host name") from None
+    else:
+        if address.version == 6:
+            host = f"[{address}]"  # python-etcd writes host:port as it is given
+    return Endpoint(parts.scheme, host, port or DEFAULT_ETCD_PORT)
 
 
 def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
-    """Parse ETCD_ENDPOINT; raises ValueError with the reason."""
+    """Parse ETCD_ENDPOINT; raises ValueError with what is wrong."""
+    items = [part.strip() for part in text.split(",")]
+    if len(items) > 1 and not all(items):
+        raise ValueError("has an empty entry in its list")
     endpoints = []
-    for item in (part.strip() for part in text.split(",")):
-        if not item:
-            raise ValueError("an entry of the list is empty")
-        url = item if "://" in item else f"http://{item}"
+    for item in items:
         try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:  # port out of range or not a number, or a broken [IPv6]
-            detail = str(exc)
-            if "out of range" in detail:
-                raise ValueError(f"{item!r} has a port out of range 1-65535") from None
-            raise ValueError(f"{item!r} does not parse as host:port ({detail})") from None
-        if parts.scheme not in ("http", "https"):
-            raise ValueError(f"{item!r} has scheme {parts.scheme!r}, not http or https")
-        if parts.netloc.count(":") > 1 and not parts.netloc.startswith("["):
-            raise ValueError(f"{item!r}: an IPv6 address needs brackets, as in [fd00::1]:2379")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
-            raise ValueError(f"{item!r} has more than a scheme, a host and a port")
-        host = parts.hostname or ""
-        if not host:
-            raise ValueError(f"{item!r} has no host")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            if not HOSTNAME_RE.fullmatch(host):
-                raise ValueError(f"{item!r}: {host!r} is neither an IP address nor a host name") from None
-        else:
-            if address.version == 6:
-                host = f"[{address}]"
-        if port == 0:
-            raise ValueError(f"{item!r} has a port out of range 1-65535")
-        endpoints.append(Endpoint(parts.scheme, host, port or DEFAULT_ETCD_PORT))
+            endpoints.append(_parse_endpoint(item))
+        except ValueError as exc:
+            raise ValueError(f"{exc} (in entry {item!r})" if len(items) > 1 else str(exc)) from None
     if len({e.protocol for e in endpoints}) > 1:
-        raise ValueError("the list mixes http and https")
+        raise ValueError("mixes http and https")
     return tuple(endpoints)
 
 
@@ -191,6 +202,8 @@ def parse_prefix(text: str) -> str:
 
 
 def parse_seconds(text: str, minimum: int, allow_zero: bool) -> int:
+    if re.fullmatch(r"-[0-9]+", text):
+        raise ValueError("is negative")
     if not re.fullmatch(r"[0-9]+", text):
         raise ValueError("is not a whole number of seconds")
     value = int(text)

@@ -1,0 +1,168 @@
+"""Configuration: every bad value is one line on stderr naming it, exit code 2, no traceback."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import register
+from register import Endpoint, load_config
+from testbed import REGISTER
+
+GOOD = {"ETCD_ENDPOINT": "127.0.0.1:2379", "HOST_IP": "10.0.0.1"}
+ENDPOINT_EXPECTED = ("expected host:port, http://host:port or https://host:port, "
+                     "or a comma-separated list of them")
+TTL_EXPECTED = "expected 0 (no TTL) or a whole number of seconds from 3 up"
+
+
+def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REGISTER), *args], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.parametrize(("env", "args", "line"), [
+    ({"HOST_IP": "10.0.0.1"}, [],
+     f"ETCD_ENDPOINT is not set (nor --etcd-endpoint); {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({"ETCD_ENDPOINT": "127.0.0.1:2379"}, [],
+     "HOST_IP is not set (nor --host-ip); expected this host's IPv4 or IPv6 address, e.g. HOST_IP=10.0.0.1"),
+    ({**GOOD, "HOST_IP": " "}, [],
+     "HOST_IP is empty; expected this host's IPv4 or IPv6 address, e.g. HOST_IP=10.0.0.1"),
+    ({**GOOD, "ETCD_ENDPOINT": ""}, [],
+     f"ETCD_ENDPOINT is empty; {ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "127.0.0.1:70000"}, [],
+     f"ETCD_ENDPOINT='127.0.0.1:70000' has a port out of range 1-65535; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "etcd:0"}, [],
+     f"ETCD_ENDPOINT='etcd:0' has a port out of range 1-65535; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "http://a:2379,b:port"}, [],
+     f"ETCD_ENDPOINT='http://a:2379,b:port' has a port that is not a number (in entry 'b:port'); "
+     f"{ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "ftp://etcd:2379"}, [],
+     f"ETCD_ENDPOINT='ftp://etcd:2379' has scheme 'ftp', not http or https; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "fd00::1:2379"}, [],
+     f"ETCD_ENDPOINT='fd00::1:2379' has an IPv6 address without brackets, as in [fd00::1]:2379; "
+     f"{ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "http://[fd00::1"}, [],
+     f"ETCD_ENDPOINT='http://[fd00::1' has a broken [IPv6] address; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "http://etcd:2379/v2/keys"}, [],
+     f"ETCD_ENDPOINT='http://etcd:2379/v2/keys' has more than a scheme, a host and a port; "
+     f"{ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "http://a:2379,https://b:2379"}, [],
+     f"ETCD_ENDPOINT='http://a:2379,https://b:2379' mixes http and https; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "a:2379,"}, [],
+     f"ETCD_ENDPOINT='a:2379,' has an empty entry in its list; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "my etcd"}, [],
+     f"ETCD_ENDPOINT='my etcd' has a host, 'my etcd', that is neither an IP address nor a host name; "
+     f"{ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "HOST_IP": "10.0.0.300"}, [],
+     "HOST_IP='10.0.0.300' is not an IPv4 or IPv6 address; expected this host's IPv4 or IPv6 address, "
+     "e.g. HOST_IP=10.0.0.1"),
+    ({**GOOD, "HOST_IP": "0.0.0.0"}, [],
+     "HOST_IP='0.0.0.0' is the unspecified address, which names no host; expected this host's IPv4 or "
+     "IPv6 address, e.g. HOST_IP=10.0.0.1"),
+    ({**GOOD, "HOST_IP": "::"}, [],
+     "HOST_IP='::' is the unspecified address, which names no host; expected this host's IPv4 or "
+     "IPv6 address, e.g. HOST_IP=10.0.0.1"),
+    ({**GOOD, "HOST_IP": "fe80::1%eth0"}, [],
+     "HOST_IP='fe80::1%eth0' is an address with a zone, which other hosts cannot use; expected this "
+     "host's IPv4 or IPv6 address, e.g. HOST_IP=10.0.0.1"),
+    ({**GOOD, "REGISTER_TTL": "-5"}, [], f"REGISTER_TTL='-5' is negative; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
+    ({**GOOD, "REGISTER_TTL": "1m"}, [],
+     f"REGISTER_TTL='1m' is not a whole number of seconds; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
+    ({**GOOD, "REGISTER_TTL": "2"}, [], f"REGISTER_TTL='2' is below 3; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
+    ({**GOOD, "REGISTER_RESYNC": "0"}, [],
+     "REGISTER_RESYNC='0' is below 1; expected a whole number of seconds from 1 up, e.g. REGISTER_RESYNC=60"),
+    ({**GOOD, "REGISTER_PREFIX": "registered"}, [],
+     "REGISTER_PREFIX='registered' does not start with /; expected an absolute etcd path below the root, "
+     "e.g. REGISTER_PREFIX=/registered"),
+    ({**GOOD, "REGISTER_PREFIX": "/"}, [],
+     "REGISTER_PREFIX='/' is the root, which would mix the registry with everything else; expected an "
+     "absolute etcd path below the root, e.g. REGISTER_PREFIX=/registered"),
+    ({**GOOD, "REGISTER_PREFIX": "/a//b"}, [],
+     "REGISTER_PREFIX='/a//b' has an empty or unusual path segment ''; expected an absolute etcd path "
+     "below the root, e.g. REGISTER_PREFIX=/registered"),
+    ({**GOOD, "LOG_LEVEL": "verbose"}, [],
+     "LOG_LEVEL='verbose' is not one of the choices; expected debug, info, warning or error, "
+     "e.g. LOG_LEVEL=info"),
+    ({**GOOD, "LOG_FORMAT": "xml"}, [],
+     "LOG_FORMAT='xml' is not one of the choices; expected text or json, e.g. LOG_FORMAT=json"),
+    # a flag is named as a flag
+    (GOOD, ["--ttl=-1"], f"--ttl='-1' is negative; {TTL_EXPECTED}, e.g. --ttl=60"),
+    (GOOD, ["--host-ip", "example.org"],
+     "--host-ip='example.org' is not an IPv4 or IPv6 address; expected this host's IPv4 or IPv6 "
+     "address, e.g. --host-ip=10.0.0.1"),
+    (GOOD, ["--bogus"], "unrecognized arguments: --bogus"),
+    (GOOD, ["--resync"], "argument --resync: expected one argument"),
+])
+def test_bad_configuration_is_one_line_and_exit_code_2(env, args, line):
+    result = run_register(env, *args)
+    assert result.returncode == 2
+    assert result.stderr == f"register.py: error: {line}\n"
+    assert result.stdout == ""
+
+
+def test_help_documents_every_setting_with_its_default():
+    result = run_register({}, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for env, flag, default in [
+        ("ETCD_ENDPOINT", "--etcd-endpoint", None), ("HOST_IP", "--host-ip", None),
+        ("REGISTER_PREFIX", "--prefix", "/registered"), ("REGISTER_TTL", "--ttl", "60"),
+        ("REGISTER_RESYNC", "--resync", "60"), ("LOG_LEVEL", "--log-level", "info"),
+        ("LOG_FORMAT", "--log-format", "text"),
+    ]:
+        assert f"{flag} {env}" in text
+        assert f"[env {env}]" in text
+        if default is not None:
+            assert f"[env {env}] (default: {default})" in text
+    assert "--deregister-on-exit" in text
+    assert "DOCKER_HOST" in text
+
+
+def test_defaults():
+    config = load_config([], GOOD)
+    assert config == register.Config(
+        etcd_endpoints=(Endpoint("http", "127.0.0.1", 2379),), host_ip="10.0.0.1", prefix="/registered",
+        ttl=60, resync=60, log_level="info", log_format="text", deregister_on_exit=False)
+    assert config.host_dir == "/registered/10.0.0.1"
+
+
+def test_a_flag_wins_over_the_environment():
+    config = load_config(["--host-ip", "10.0.0.2", "--ttl", "0", "--prefix", "/services/",
+                          "--deregister-on-exit"], {**GOOD, "HOST_IP": "not an address", "REGISTER_TTL": "x"})
+    assert (config.host_ip, config.ttl, config.prefix, config.deregister_on_exit) == \
+        ("10.0.0.2", 0, "/services", True)
+
+
+@pytest.mark.parametrize(("text", "canonical"), [
+    ("FD00:0::1", "fd00::1"), ("fd00:0000:0000:0000:0000:0000:0000:0001", "fd00::1"),
+    ("10.0.0.1", "10.0.0.1"), ("127.0.0.1", "127.0.0.1"),
+])
+def test_host_ip_is_canonical(text, canonical):
+    assert load_config([], {**GOOD, "HOST_IP": text}).host_ip == canonical
+
+
+@pytest.mark.parametrize(("text", "endpoints"), [
+    ("etcd", (Endpoint("http", "etcd", 2379),)),
+    ("etcd:4001", (Endpoint("http", "etcd", 4001),)),
+    ("https://etcd.example.org", (Endpoint("https", "etcd.example.org", 2379),)),
+    ("http://[FD00::1]:2379/", (Endpoint("http", "[fd00::1]", 2379),)),
+    ("[::1]", (Endpoint("http", "[::1]", 2379),)),
+    ("10.0.0.1:2379, 10.0.0.2:2379,10.0.0.3",
+     (Endpoint("http", "10.0.0.1", 2379), Endpoint("http", "10.0.0.2", 2379),
+      Endpoint("http", "10.0.0.3", 2379))),
+])
+def test_endpoints(text, endpoints):
+    assert register.parse_endpoints(text) == endpoints
+
+
+def test_endpoint_url():
+    assert Endpoint("https", "[fd00::1]", 2379).url == "https://[fd00::1]:2379"

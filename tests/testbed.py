@@ -1,0 +1,301 @@
+"""A real test bed: a Docker engine, an etcd server and a local image registry of the suite's own.
+
+Used by the test suite (tests/conftest.py), the fixture capture script and the benchmark. Needs
+root and Debian's docker.io, etcd-server, etcd-client, busybox-static and docker-registry
+(scripts/test installs them).
+
+The Docker engine runs inside a network namespace of its own, so its bridge, iptables rules and
+published ports never meet the host's (a Docker engine already running on the machine is left
+alone), and nothing here pulls from the internet: images are built FROM scratch with the static
+busybox and pushed to a registry that listens on the namespace's loopback.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import etcd
+
+ROOT = Path(__file__).resolve().parent.parent
+REGISTER = ROOT / "register.py"
+BASE_IMAGE = "regtest/busybox:1"
+REGISTRY = "localhost:5000"
+# Addresses on the namespace's loopback, so that containers can publish on a specific address.
+SPECIFIC_IPV4 = "192.0.2.10"
+SPECIFIC_IPV6 = "fd00::10"
+
+
+def docker_cli() -> str:
+    """Debian's client matches Debian's engine; any other docker client negotiates down."""
+    return "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll until `condition()` is truthy; return its value, or fail naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def run(*args: str, env: dict | None = None, check: bool = True, timeout: float = 120,
+        input: bytes | None = None) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, env=env, capture_output=True, timeout=timeout, input=input)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({result.returncode}): "
+                           f"{result.stderr.decode(errors='replace').strip()}")
+    return result
+
+
+class EtcdServer:
+    """A single-node etcd with the v2 API, on loopback, with a data directory of its own."""
+
+    def __init__(self, workdir: Path, name: str = "regtest"):
+        self.workdir = workdir
+        self.name = name
+        self.data_dir = workdir / f"etcd-{name}"
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self) -> None:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        log = open(self.workdir / f"etcd-{self.name}.log", "ab")
+        self.process = subprocess.Popen(
+            ["etcd", "--name", self.name, "--data-dir", str(self.data_dir),
+             "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"{self.name}={peer}", "--enable-v2=true",
+             "--log-level", "warn"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_until(self._healthy, 30, f"etcd at {self.url}")
+
+    def _healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"etcd exited with {self.process.returncode}; see "
+                               f"{self.workdir / f'etcd-{self.name}.log'}")
+        try:
+            self.client().read("/")
+            return True
+        except etcd.EtcdException:
+            return False
+
+    def client(self) -> etcd.Client:
+        return etcd.Client(host="127.0.0.1", port=self.client_port, read_timeout=5)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+class DockerEngine:
+    """A dockerd of the suite's own, in its own network namespace."""
+
+    def __init__(self, workdir: Path, name: str = "regtest"):
+        self.workdir = workdir
+        self.name = name
+        self.netns = f"{name}-{os.getpid()}"
+        self.dir = workdir / f"docker-{name}"
+        self.socket = self.dir / "docker.sock"
+        self.process: subprocess.Popen | None = None
+        self.registry: subprocess.Popen | None = None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.socket}"
+
+    @property
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKER_")}
+        env["DOCKER_HOST"] = self.host
+        env["DOCKER_BUILDKIT"] = "0"
+        return env
+
+    def _in_netns(self, *args: str) -> list[str]:
+        return ["nsenter", f"--net=/var/run/netns/{self.netns}", *args]
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        run("ip", "netns", "add", self.netns)
+        for command in (["ip", "link", "set", "lo", "up"],
+                        ["ip", "addr", "add", f"{SPECIFIC_IPV4}/32", "dev", "lo"],
+                        ["ip", "-6", "addr", "add", f"{SPECIFIC_IPV6}/128", "dev", "lo"]):
+            run(*self._in_netns(*command))
+        self.start_daemon()
+
+    def start_daemon(self) -> None:
+        log = open(self.dir / "dockerd.log", "ab")
+        self.process = subprocess.Popen(
+            self._in_netns("dockerd", "--storage-driver=vfs", "--data-root", str(self.dir / "data"),
+                           "--exec-root", str(self.dir / "exec"), "-H", self.host,
+                           "--pidfile", str(self.dir / "dockerd.pid"),
+                           "--containerd-namespace", self.netns,
+                           "--containerd-plugins-namespace", f"{self.netns}-plugins"),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        wait_until(self._ready, 60, f"dockerd at {self.host}", interval=0.2)
+
+    def _ready(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"dockerd exited with {self.process.returncode}; see "
+                               f"{self.dir / 'dockerd.log'}")
+        return self.docker("info", check=False, timeout=10).returncode == 0
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 120,
+               input: bytes | None = None) -> subprocess.CompletedProcess:
+        return run(docker_cli(), *args, env=self.env, check=check, timeout=timeout, input=input)
+
+    def out(self, *args: str) -> str:
+        return self.docker(*args).stdout.decode().strip()
+
+    def inspect(self, container: str) -> dict:
+        return json.loads(self.out("inspect", container))[0]
+
+    def build_images(self) -> None:
+        """The suite's images, all from one FROM-scratch busybox image."""
+        context = self.dir / "image"
+        context.mkdir(exist_ok=True)
+        shutil.copy("/bin/busybox", context / "busybox")
+        (context / "Dockerfile").write_text(
+            "FROM scratch\n"
+            "COPY busybox /bin/busybox\n"
+            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+            "EXPOSE 80\n"
+            'CMD ["httpd", "-f", "-p", "80"]\n')
+        self.docker("build", "-q", "-t", BASE_IMAGE, str(context), timeout=300)
+
+    def start_registry(self) -> None:
+        """A registry on the namespace's loopback: pushing there gives images a digest."""
+        config = self.dir / "registry.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {self.dir / 'registry'}\nhttp:\n  addr: 127.0.0.1:5000\n")
+        log = open(self.dir / "registry.log", "ab")
+        self.registry = subprocess.Popen(self._in_netns("docker-registry", "serve", str(config)),
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        log.close()
+
+    def push(self, reference: str) -> str:
+        """Push to the local registry; returns the image's repository digest."""
+        def pushed():
+            return self.docker("push", reference, check=False).returncode == 0
+        wait_until(pushed, 30, f"docker push {reference}", interval=0.3)
+        digests = json.loads(self.out("image", "inspect", "--format", "{{json .RepoDigests}}",
+                                      reference))
+        repository = reference.rsplit(":", 1)[0]
+        return next(d for d in digests if d.startswith(repository + "@"))
+
+    def remove_all_containers(self) -> None:
+        ids = self.out("ps", "-aq").split()
+        if ids:
+            self.docker("rm", "-f", *ids, timeout=300)
+
+    def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def stop(self) -> None:
+        if self.registry and self.registry.poll() is None:
+            self.registry.kill()
+            self.registry.wait()
+        with contextlib.suppress(Exception):
+            self.remove_all_containers()
+        self.stop_daemon()
+        # containerd-shim processes of killed containers may linger in the namespace
+        pids = run("ip", "netns", "pids", self.netns, check=False).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        run("ip", "netns", "delete", self.netns, check=False)
+
+
+class Registrar:
+    """register.py as a subprocess, the way an operator runs it."""
+
+    def __init__(self, workdir: Path, env: dict, args: list[str] | None = None, name: str = "register"):
+        self.log_path = workdir / f"{name}-{time.monotonic_ns()}.log"
+        self.env = env
+        self.args = args or []
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Registrar:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen([sys.executable, str(REGISTER), *self.args], env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 20) -> None:
+        def seen():
+            if self.process.poll() is not None and text not in self.log:
+                raise RuntimeError(f"register.py exited with {self.process.returncode}:\n{self.log}")
+            return text in self.log
+        wait_until(seen, timeout, f"{text!r} in register.py's log")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def read_tree(client: etcd.Client, key: str) -> dict[str, str]:
+    """Every leaf below `key` (key -> value), {} when `key` does not exist."""
+    try:
+        top = client.read(key, recursive=True)
+    except etcd.EtcdKeyNotFound:
+        return {}
+    return {node.key: node.value for node in top.get_subtree() if not node.dir}
+
+
+def make_workdir() -> Path:
+    # short: unix socket paths below it must stay under 108 bytes
+    return Path(tempfile.mkdtemp(prefix="regtest-", dir="/tmp"))
