@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-import testbed  # noqa: E402
+import testbed
 
 OUT = Path(__file__).parent / "fixtures" / "inspect"
 IMAGE = testbed.BASE_IMAGE

@@ -6,10 +6,10 @@ import subprocess
 import sys
 
 import pytest
+from testbed import REGISTER
 
 import register
 from register import Endpoint, load_config
-from testbed import REGISTER
 
 GOOD = {"ETCD_ENDPOINT": "127.0.0.1:2379", "HOST_IP": "10.0.0.1"}
 ENDPOINT_EXPECTED = ("expected host:port, http://host:port or https://host:port, "
@@ -74,7 +74,8 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
     ({**GOOD, "HOST_IP": "fe80::1%eth0"}, [],
      "HOST_IP='fe80::1%eth0' is an address with a zone, which other hosts cannot use; expected this "
      "host's IPv4 or IPv6 address, e.g. HOST_IP=10.0.0.1"),
-    ({**GOOD, "REGISTER_TTL": "-5"}, [], f"REGISTER_TTL='-5' is negative; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
+    ({**GOOD, "REGISTER_TTL": "-5"}, [],
+     f"REGISTER_TTL='-5' is negative; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
     ({**GOOD, "REGISTER_TTL": "1m"}, [],
      f"REGISTER_TTL='1m' is not a whole number of seconds; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
     ({**GOOD, "REGISTER_TTL": "2"}, [], f"REGISTER_TTL='2' is below 3; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),

@@ -67,6 +67,12 @@ def run(*args: str, env: dict | None = None, check: bool = True, timeout: float 
     return result
 
 
+def spawn(args: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
+    """Start a process in the background, appending its output to log_path."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+
+
 class EtcdServer:
     """A single-node etcd with the v2 API, on loopback, with a data directory of its own."""
 
@@ -88,15 +94,13 @@ class EtcdServer:
 
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
-        log = open(self.workdir / f"etcd-{self.name}.log", "ab")
-        self.process = subprocess.Popen(
+        self.process = spawn(
             ["etcd", "--name", self.name, "--data-dir", str(self.data_dir),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"{self.name}={peer}", "--enable-v2=true",
              "--log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+            self.workdir / f"etcd-{self.name}.log", start_new_session=True)
         wait_until(self._healthy, 30, f"etcd at {self.url}")
 
     def _healthy(self) -> bool:
@@ -158,15 +162,13 @@ class DockerEngine:
         self.start_daemon()
 
     def start_daemon(self) -> None:
-        log = open(self.dir / "dockerd.log", "ab")
-        self.process = subprocess.Popen(
+        self.process = spawn(
             self._in_netns("dockerd", "--storage-driver=vfs", "--data-root", str(self.dir / "data"),
                            "--exec-root", str(self.dir / "exec"), "-H", self.host,
                            "--pidfile", str(self.dir / "dockerd.pid"),
                            "--containerd-namespace", self.netns,
                            "--containerd-plugins-namespace", f"{self.netns}-plugins"),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+            self.dir / "dockerd.log", start_new_session=True)
         wait_until(self._ready, 60, f"dockerd at {self.host}", interval=0.2)
 
     def _ready(self) -> bool:
@@ -204,11 +206,8 @@ class DockerEngine:
         config.write_text(
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
             f"    rootdirectory: {self.dir / 'registry'}\nhttp:\n  addr: 127.0.0.1:5000\n")
-        log = open(self.dir / "registry.log", "ab")
-        self.registry = subprocess.Popen(self._in_netns("docker-registry", "serve", str(config)),
-                                         stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        log.close()
+        self.registry = spawn(self._in_netns("docker-registry", "serve", str(config)),
+                              self.dir / "registry.log", start_new_session=True)
 
     def push(self, reference: str) -> str:
         """Push to the local registry; returns the image's repository digest."""
@@ -259,10 +258,7 @@ class Registrar:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Registrar:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen([sys.executable, str(REGISTER), *self.args], env=self.env,
-                                        stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        self.process = spawn([sys.executable, str(REGISTER), *self.args], self.log_path, env=self.env)
         return self
 
     @property
