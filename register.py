@@ -951,10 +951,10 @@ class Reconciler:
 
     def _unregister(self, entry: Entry, why: str) -> None:
         self.registry.delete(entry.key)
-        self.registry.prune_after_delete(entry.key)
         log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
                   f"ports {entry.ports}: {why}", event="removed", container=entry.name,
                   id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
+        self.registry.prune_after_delete(entry.key)
 
     def _converge_one(self, container_id: str, want) -> None:
         """Make one container's key right, given what is known to be in etcd."""
@@ -1045,7 +1045,8 @@ class Reconciler:
         if not desired and not unknown:
             self.registry.prune_host_dir()
         self.full_reconciles += 1
-        log_event(logging.INFO if puts or stale else logging.DEBUG,
+        routine = reasons == ["periodic resync"] and not puts and not stale
+        log_event(logging.DEBUG if routine else logging.INFO,
                   f"full reconcile ({', '.join(reasons)}): {len(desired)} record(s), "
                   f"{len(puts)} written, {len(stale)} removed, "
                   f"{len(desired) - len(puts)} already right, in {time.monotonic() - started:.2f} s",

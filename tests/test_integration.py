@@ -1,0 +1,401 @@
+"""register.py end to end: a subprocess against the suite's own dockerd and etcd.
+
+Every assertion compares exact keys and exact value bytes read back from etcd. Expected values are
+written out here from the contract; only what Docker picks at random (container ids, host ports
+for -p 80 and -P) is read from Docker.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import etcd
+import pytest
+import testbed
+from testbed import BASE_IMAGE, Registrar, read_tree, wait_until
+
+pytestmark = pytest.mark.integration
+
+HOST = "10.99.0.1"
+IMAGE = "regtest::busybox:1"
+_prefixes = itertools.count(1)
+
+
+def rec(cid: str, ip: str, public, private, kind: str = "tcp", image: str = IMAGE) -> str:
+    return (f'{{"container":"{cid}","image":"{image}","ip":"{ip}","public_port":"{public}",'
+            f'"private_port":"{private}","port_type":"{kind}"}}')
+
+
+def val(*records: str) -> str:
+    return "[" + ",".join(records) + "]"
+
+
+@pytest.fixture
+def docker(engine):
+    engine.remove_all_containers()
+    yield engine
+    engine.remove_all_containers()
+
+
+@pytest.fixture
+def client(etcd_server) -> etcd.Client:
+    return etcd_server.client()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/it{next(_prefixes)}/registered"
+
+
+@pytest.fixture
+def registrar(workdir, etcd_server, engine, prefix):
+    """start(**settings) runs register.py with this test's prefix; all are killed at teardown."""
+    started: list[Registrar] = []
+
+    def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
+              endpoint: str | None = None) -> Registrar:
+        env = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
+               "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
+               "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug"}
+        started.append(Registrar(workdir, env, list(args)).start())
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def run(engine, *args: str) -> str:
+    """docker run -d; returns the full container id."""
+    return engine.out("run", "-d", *args)
+
+
+def host_port(engine, cid: str, port: str = "80/tcp") -> str:
+    bindings = engine.inspect(cid)["NetworkSettings"]["Ports"][port]
+    return next(b["HostPort"] for b in bindings if b["HostIp"] == "0.0.0.0")
+
+
+def converge(client, key: str, expected: dict, registrar: Registrar | None = None, timeout: float = 30):
+    """Wait until the subtree at `key` is exactly `expected`; fail with the difference."""
+    deadline = time.monotonic() + timeout
+    while True:
+        actual = read_tree(client, key)
+        if actual == expected:
+            return
+        if time.monotonic() > deadline:
+            missing = {k: v for k, v in expected.items() if actual.get(k) != v}
+            extra = {k: v for k, v in actual.items() if expected.get(k) != v}
+            log = registrar.log[-4000:] if registrar else ""
+            raise AssertionError(f"{key} did not converge in {timeout} s\nmissing or wrong: "
+                                 f"{json.dumps(missing, indent=1)}\nunexpected: "
+                                 f"{json.dumps(extra, indent=1)}\nregister.py log:\n{log}")
+        time.sleep(0.05)
+
+
+def index_of(client, key: str) -> int:
+    return client.read(key).modifiedIndex
+
+
+# -- what gets registered ---------------------------------------------------------------------
+
+def test_wildcard_bindings_twins_merged_udp_and_several_ports(docker, client, registrar, prefix):
+    web = run(docker, "--name", "web", "-p", "80", "-p", "53/udp", BASE_IMAGE)
+    several = run(docker, "--name", "several", "-p", "8443:443", "-p", "8180:80", "-p", "9000:9000/udp",
+                  "-p", "8181:80", "-p", "5353:53/udp", "-p", "5354:53", BASE_IMAGE)
+    run(docker, "--name", "quiet", BASE_IMAGE)  # exposes 80, publishes nothing
+    r = registrar()
+    converge(client, f"{prefix}/{HOST}", {
+        f"{prefix}/{HOST}/{IMAGE}/{web}": val(
+            rec(web, HOST, host_port(docker, web, "53/udp"), 53, "udp"),
+            rec(web, HOST, host_port(docker, web), 80)),
+        f"{prefix}/{HOST}/{IMAGE}/{several}": val(
+            rec(several, HOST, 5354, 53), rec(several, HOST, 5353, 53, "udp"),
+            rec(several, HOST, 8180, 80), rec(several, HOST, 8181, 80),
+            rec(several, HOST, 8443, 443), rec(several, HOST, 9000, 9000, "udp")),
+    }, r)
+    assert "registered quiet" not in r.log
+    assert f"registered web ({web[:12]}) image regtest/busybox:1 ports 53/udp={HOST}:" in r.log
+
+
+def test_specific_addresses_loopback_only_and_publish_all(docker, client, registrar, prefix):
+    specific = run(docker, "-p", f"{testbed.SPECIFIC_IPV4}:8080:80", "-p", "127.0.0.1:8081:80",
+                   "-p", "[::1]:8082:80", "-p", f"[{testbed.SPECIFIC_IPV6}]:8083:80", BASE_IMAGE)
+    run(docker, "-p", "127.0.0.1:8084:80", BASE_IMAGE)  # loopback only: no key
+    publish_all = run(docker, "-P", "--expose", "9090", "--expose", "7070/udp", BASE_IMAGE)
+    r = registrar()
+    converge(client, f"{prefix}/{HOST}", {
+        f"{prefix}/{HOST}/{IMAGE}/{specific}": val(
+            rec(specific, testbed.SPECIFIC_IPV4, 8080, 80), rec(specific, testbed.SPECIFIC_IPV6, 8083, 80)),
+        f"{prefix}/{HOST}/{IMAGE}/{publish_all}": val(
+            rec(publish_all, HOST, host_port(docker, publish_all), 80),
+            rec(publish_all, HOST, host_port(docker, publish_all, "7070/udp"), 7070, "udp"),
+            rec(publish_all, HOST, host_port(docker, publish_all, "9090/tcp"), 9090)),
+    }, r)
+
+
+def test_host_network_mode_publishes_exposed_ports_and_ipv6_host_ip(docker, client, registrar, prefix):
+    host6 = "fd00:99::1"
+    cid = run(docker, "--network", "host", "--expose", "8090/udp", BASE_IMAGE, "httpd", "-f", "-p", "8099")
+    r = registrar(host="FD00:99:0::1")  # written in canonical form
+    converge(client, f"{prefix}/{host6}", {
+        f"{prefix}/{host6}/{IMAGE}/{cid}": val(rec(cid, host6, 80, 80), rec(cid, host6, 8090, 8090, "udp")),
+    }, r)
+
+
+def test_image_names(docker, client, registrar, prefix):
+    docker.docker("tag", BASE_IMAGE, "example.org:5000/team/app:1.2")
+    docker.docker("tag", BASE_IMAGE, f"{testbed.REGISTRY}/a/b/c/app:latest")
+    docker.docker("tag", BASE_IMAGE, f"{testbed.REGISTRY}/team/app:1.2")
+    digest_reference = docker.push(f"{testbed.REGISTRY}/team/app:1.2")
+    image_id = docker.out("image", "inspect", "--format", "{{.Id}}", BASE_IMAGE)
+    short_id = image_id.split(":", 1)[1][:12]
+    cases = {  # reference given to docker run -> image part of the key
+        "example.org:5000/team/app:1.2": "example.org:5000::team::app:1.2",
+        f"{testbed.REGISTRY}/a/b/c/app": f"{testbed.REGISTRY}::a::b::c::app:latest",
+        digest_reference: digest_reference.replace("/", "::"),
+        short_id: f"{short_id}:latest",
+        image_id: image_id,
+    }
+    expected = {}
+    for number, (reference, image_part) in enumerate(cases.items()):
+        cid = run(docker, "-p", f"{8200 + number}:80", reference)
+        expected[f"{prefix}/{HOST}/{image_part}/{cid}"] = val(
+            rec(cid, HOST, 8200 + number, 80, image=image_part))
+    assert digest_reference.startswith(f"{testbed.REGISTRY}/team/app@sha256:")
+    converge(client, f"{prefix}/{HOST}", expected, registrar())
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+def test_start_registers_die_removes_and_prunes_the_image_directory(docker, client, registrar, prefix):
+    r = registrar()
+    r.wait_for_log("connected to Docker")
+    cid = run(docker, "--name", "late", "-p", "8300:80", BASE_IMAGE)
+    converge(client, f"{prefix}/{HOST}",
+             {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8300, 80))}, r)
+    docker.docker("stop", "-t", "0", cid)
+    converge(client, f"{prefix}/{HOST}", {}, r)
+    top = client.read(f"{prefix}/{HOST}", recursive=True)
+    assert top.dir and list(top.get_subtree()) == [top]  # image directory pruned, host directory kept
+    assert (f"removed late ({cid[:12]}) image regtest/busybox:1 ports 80/tcp={HOST}:8300: "
+            "container stopped or gone") in r.log
+
+
+def test_containers_that_die_within_milliseconds_leave_nothing(docker, client, registrar, prefix):
+    r = registrar()
+    r.wait_for_log("connected to Docker")
+    for _ in range(5):
+        run(docker, "-p", "80", BASE_IMAGE, "true")
+    sentinel = run(docker, "-p", "8301:80", BASE_IMAGE)
+    converge(client, f"{prefix}/{HOST}",
+             {f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8301, 80))}, r)
+    r.wait_for_log("full reconcile")  # and it stays so after a resync
+    assert read_tree(client, f"{prefix}/{HOST}") == \
+        {f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8301, 80))}
+
+
+def test_docker_restart_reregisters_with_the_new_ports(docker, client, registrar, prefix):
+    r = registrar()
+    r.wait_for_log("connected to Docker")
+    cid = run(docker, "-P", BASE_IMAGE)
+    key = f"{prefix}/{HOST}/{IMAGE}/{cid}"
+    converge(client, f"{prefix}/{HOST}", {key: val(rec(cid, HOST, host_port(docker, cid), 80))}, r)
+    docker.docker("restart", "-t", "0", cid)
+    converge(client, f"{prefix}/{HOST}", {key: val(rec(cid, HOST, host_port(docker, cid), 80))}, r)
+
+
+def test_rm_force_while_running_removes_the_key(docker, client, registrar, prefix):
+    r = registrar()
+    r.wait_for_log("connected to Docker")
+    keep = run(docker, "-p", "8302:80", BASE_IMAGE)
+    gone = run(docker, "-p", "8303:80", BASE_IMAGE)
+    converge(client, f"{prefix}/{HOST}", {
+        f"{prefix}/{HOST}/{IMAGE}/{keep}": val(rec(keep, HOST, 8302, 80)),
+        f"{prefix}/{HOST}/{IMAGE}/{gone}": val(rec(gone, HOST, 8303, 80))}, r)
+    docker.docker("rm", "-f", gone)
+    converge(client, f"{prefix}/{HOST}",
+             {f"{prefix}/{HOST}/{IMAGE}/{keep}": val(rec(keep, HOST, 8302, 80))}, r)
+
+
+def test_the_same_image_many_times(docker, client, registrar, prefix):
+    cids = [run(docker, "-p", f"{8310 + n}:80", BASE_IMAGE) for n in range(12)]
+    converge(client, f"{prefix}/{HOST}", {
+        f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8310 + n, 80)) for n, cid in enumerate(cids)
+    }, registrar())
+
+
+def test_paused_containers_stay_registered_through_resyncs(docker, client, registrar, prefix):
+    cid = run(docker, "-p", "8320:80", BASE_IMAGE)
+    docker.docker("pause", cid)
+    r = registrar(resync=1)
+    key = f"{prefix}/{HOST}/{IMAGE}/{cid}"
+    converge(client, f"{prefix}/{HOST}", {key: val(rec(cid, HOST, 8320, 80))}, r)
+    index = index_of(client, key)
+    wait_until(lambda: r.log.count("full reconcile (periodic resync)") >= 2, 15, "two periodic resyncs")
+    assert index_of(client, key) == index
+
+
+def test_startup_removes_stale_keys_keeps_right_ones_and_never_touches_other_hosts(
+        docker, client, registrar, prefix):
+    running = run(docker, "-p", "8330:80", BASE_IMAGE)
+    missing = run(docker, "-p", "8331:80", BASE_IMAGE)
+    right_key = f"{prefix}/{HOST}/{IMAGE}/{running}"
+    client.write(f"{prefix}/{HOST}", None, dir=True, ttl=60)
+    client.write(right_key, val(rec(running, HOST, 8330, 80)))
+    stale = {  # this host's: a container that no longer exists, odd leftovers
+        f"{prefix}/{HOST}/{IMAGE}/{'d' * 64}": val(rec("d" * 64, HOST, 1234, 80)),
+        f"{prefix}/{HOST}/old::image:2/{'e' * 64}": "[]",
+        f"{prefix}/{HOST}/not-a-record": "x",
+        f"{prefix}/{HOST}/{IMAGE}/{'f' * 64}/deeper": "x",
+    }
+    others = {  # other hosts', including one whose address starts with the same digits
+        f"{prefix}/10.99.0.11/{IMAGE}/{'a' * 64}": val(rec("a" * 64, "10.99.0.11", 80, 80)),
+        f"{prefix}/10.99.0.10/{IMAGE}/{'b' * 64}": val(rec("b" * 64, "10.99.0.10", 80, 80)),
+        f"{prefix}/10.99.0.1x": "not a host",
+        f"{prefix}-other/{HOST}/{IMAGE}/{'c' * 64}": "[]",
+    }
+    for key, value in {**stale, **others}.items():
+        client.write(key, value)
+    other_indexes = {key: index_of(client, key) for key in others}
+    right_index = index_of(client, right_key)
+
+    r = registrar()
+    converge(client, f"{prefix}/{HOST}", {
+        right_key: val(rec(running, HOST, 8330, 80)),
+        f"{prefix}/{HOST}/{IMAGE}/{missing}": val(rec(missing, HOST, 8331, 80))}, r)
+    r.wait_for_log("full reconcile")
+    assert index_of(client, right_key) == right_index  # not rewritten
+    assert {key: client.read(key).value for key in others} == others
+    assert {key: index_of(client, key) for key in others} == other_indexes
+    with pytest.raises(etcd.EtcdKeyNotFound):
+        client.read(f"{prefix}/{HOST}/old::image:2")  # emptied image directories go too
+    assert "1 written, 4 removed, 1 already right" in r.log
+
+
+def test_a_restart_of_the_service_writes_nothing(docker, client, registrar, prefix):
+    cids = [run(docker, "-p", f"{8340 + n}:80", BASE_IMAGE) for n in range(3)]
+    expected = {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8340 + n, 80))
+                for n, cid in enumerate(cids)}
+    first = registrar()
+    converge(client, f"{prefix}/{HOST}", expected, first)
+    assert first.stop() == 0
+    assert read_tree(client, f"{prefix}/{HOST}") == expected  # records stay on a plain stop
+    etcd_index = client.read("/").etcd_index
+    second = registrar()
+    second.wait_for_log("full reconcile")
+    assert "0 written, 0 removed, 3 already right" in second.log
+    with pytest.raises(etcd.EtcdWatchTimedOut):  # nothing at all changed under the prefix
+        change = client.watch(prefix, index=etcd_index + 1, recursive=True, timeout=1)
+        pytest.fail(f"register.py changed {change.key} ({change.action}) on restart")
+
+
+def test_sigterm_stops_within_two_seconds_and_deregister_on_exit_deletes_the_subtree(
+        docker, client, registrar, prefix):
+    cid = run(docker, "-p", "8350:80", BASE_IMAGE)
+    expected = {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8350, 80))}
+    plain = registrar()
+    converge(client, f"{prefix}/{HOST}", expected, plain)
+    assert plain.stop(signal.SIGTERM, timeout=2) == 0
+    assert read_tree(client, f"{prefix}/{HOST}") == expected
+    leaving = registrar(args=("--deregister-on-exit",))
+    leaving.wait_for_log("full reconcile")
+    assert leaving.stop(signal.SIGINT, timeout=2) == 0
+    with pytest.raises(etcd.EtcdKeyNotFound):
+        client.read(f"{prefix}/{HOST}")
+    assert client.read(prefix).dir  # only this host's subtree went
+
+
+def test_host_directory_has_a_ttl_refreshed_and_restored_when_deleted(docker, client, registrar, prefix):
+    cid = run(docker, "-p", "8360:80", BASE_IMAGE)
+    expected = {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8360, 80))}
+    r = registrar(ttl=6)
+    converge(client, f"{prefix}/{HOST}", expected, r)
+    assert 0 < client.read(f"{prefix}/{HOST}").ttl <= 6
+    time.sleep(7)  # longer than the TTL: only the refreshes keep it
+    assert read_tree(client, f"{prefix}/{HOST}") == expected
+    client.delete(f"{prefix}/{HOST}", recursive=True, dir=True)  # an operator's mistake
+    converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)  # the next refresh (every 2 s) sees it
+    assert 0 < client.read(f"{prefix}/{HOST}").ttl <= 6
+    assert "had expired or lost its TTL; re-registering everything" in r.log
+
+
+def test_without_ttl_the_empty_host_directory_goes(docker, client, registrar, prefix):
+    r = registrar(ttl=0)
+    r.wait_for_log("connected to Docker")
+    cid = run(docker, "-p", "8370:80", BASE_IMAGE)
+    converge(client, f"{prefix}/{HOST}",
+             {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8370, 80))}, r)
+    assert client.read(f"{prefix}/{HOST}").ttl is None
+    docker.docker("rm", "-f", cid)
+    wait_until(lambda: not read_tree(client, prefix) and _missing(client, f"{prefix}/{HOST}"), 20,
+               "the host directory to go")
+
+
+def _missing(client, key: str) -> bool:
+    try:
+        client.read(key)
+        return False
+    except etcd.EtcdKeyNotFound:
+        return True
+
+
+def test_drift_is_repaired_by_the_periodic_resync(docker, client, registrar, prefix):
+    a = run(docker, "-p", "8380:80", BASE_IMAGE)
+    b = run(docker, "-p", "8381:80", BASE_IMAGE)
+    expected = {f"{prefix}/{HOST}/{IMAGE}/{a}": val(rec(a, HOST, 8380, 80)),
+                f"{prefix}/{HOST}/{IMAGE}/{b}": val(rec(b, HOST, 8381, 80))}
+    r = registrar(resync=2)
+    converge(client, f"{prefix}/{HOST}", expected, r)
+    client.delete(f"{prefix}/{HOST}/{IMAGE}/{a}")
+    client.write(f"{prefix}/{HOST}/{IMAGE}/{b}", "wrong")
+    client.write(f"{prefix}/{HOST}/{IMAGE}/{'9' * 64}", "stale")
+    converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)
+
+
+def test_waits_for_etcd_with_backoff_then_registers(docker, client, registrar, prefix, workdir):
+    cid = run(docker, "-p", "8390:80", BASE_IMAGE)
+    late = testbed.EtcdServer(workdir, name="late")
+    r = registrar(endpoint=late.endpoint)
+    r.wait_for_log(f"etcd at {late.url} failed: connection refused; 0 container(s) pending; retrying in")
+    late.start()
+    try:
+        converge(late.client(), f"{prefix}/{HOST}",
+                 {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8390, 80))}, r)
+        r.wait_for_log("recovered after")
+    finally:
+        late.stop()
+
+
+def test_follows_events_across_a_dockerd_restart(docker, client, registrar, prefix):
+    survivor = run(docker, "--restart", "always", "-P", BASE_IMAGE)
+    casualty = run(docker, "-p", "8395:80", BASE_IMAGE)
+    r = registrar()
+    converge(client, f"{prefix}/{HOST}", {
+        f"{prefix}/{HOST}/{IMAGE}/{survivor}": val(rec(survivor, HOST, host_port(docker, survivor), 80)),
+        f"{prefix}/{HOST}/{IMAGE}/{casualty}": val(rec(casualty, HOST, 8395, 80))}, r)
+    docker.stop_daemon()
+    r.wait_for_log("lost Docker's event stream")
+    docker.start_daemon()
+    wait_until(lambda: docker.inspect(survivor)["State"]["Running"], 30, "the survivor to restart")
+    converge(client, f"{prefix}/{HOST}", {
+        f"{prefix}/{HOST}/{IMAGE}/{survivor}": val(rec(survivor, HOST, host_port(docker, survivor), 80)),
+    }, r)
+    r.wait_for_log("reconnected to Docker")
+
+
+@pytest.mark.slow
+def test_a_hundred_containers_started_at_once_then_killed_at_once(docker, client, registrar, prefix):
+    r = registrar()
+    r.wait_for_log("connected to Docker")
+    with ThreadPoolExecutor(8) as pool:
+        cids = list(pool.map(lambda n: run(docker, "-p", f"{9000 + n}:80", BASE_IMAGE), range(100)))
+    converge(client, f"{prefix}/{HOST}", {
+        f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 9000 + n, 80)) for n, cid in enumerate(cids)
+    }, r, timeout=60)
+    docker.docker("kill", *cids, timeout=300)
+    converge(client, f"{prefix}/{HOST}", {}, r, timeout=60)
+    wait_until(lambda: r.log.count(": container stopped or gone") == 100, 10, "100 removals logged")
+    assert " warning " not in r.log and " error " not in r.log
