@@ -582,6 +582,9 @@ class EtcdRegistry:
                 self._client = etcd.Client(host=ep.host, port=ep.port, protocol=ep.protocol,
                                            read_timeout=self.TIMEOUT, allow_reconnect=False,
                                            per_host_pool_size=self.POOL)
+                # urllib3 would retry each request three more times on its own (4 x TIMEOUT
+                # against a stalled etcd); retries are this service's, with backoff and a log line.
+                self._client.http.connection_pool_kw["retries"] = urllib3.Retry(0)
             return self._client
 
     def _call(self, operation: Callable[[etcd.Client], object]):

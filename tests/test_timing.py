@@ -1,0 +1,173 @@
+"""Time logic under a frozen clock: backoff schedules, TTL refresh and resync timing.
+
+The reconciler is driven step by step with a fake registry and a fake engine (pure unit tests of
+its scheduling); the retry test talks to a real closed port, so the failure is a real one.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+from freezegun import freeze_time
+from testbed import free_port
+
+import register
+from register import Config, Endpoint, EtcdRegistry, Reconciler, RetrySchedule, Timer
+
+
+def config(ttl: int = 30, resync: int = 60, port: int = 2379) -> Config:
+    return Config(etcd_endpoints=(Endpoint("http", "127.0.0.1", port),), host_ip="10.0.0.1",
+                  prefix="/registered", ttl=ttl, resync=resync, log_level="info", log_format="text",
+                  deregister_on_exit=False)
+
+
+class FakeRegistry:
+    host_dir = "/registered/10.0.0.1"
+    writes = 0
+
+    def __init__(self):
+        self.refreshes = 0
+        self.dir_present = True
+
+    def ensure_host_dir(self):
+        return False
+
+    def refresh(self):
+        self.refreshes += 1
+        present, self.dir_present = self.dir_present, True
+        return present
+
+    def read_subtree(self):
+        return register.Subtree({}, set())
+
+    def prune_host_dir(self):
+        pass
+
+
+class FakeEngine:
+    def running_ids(self):
+        return []
+
+
+def reconciler(cfg: Config, registry=None) -> Reconciler:
+    stop = threading.Event()
+    stop.set()  # nothing waits: each test drives the steps itself
+    return Reconciler(cfg, registry or FakeRegistry(), FakeEngine(), stop)
+
+
+def test_backoff_schedule_doubles_from_half_a_second_up_to_thirty():
+    schedule = RetrySchedule(jitter=None)
+    assert [schedule.next_delay() for _ in range(9)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
+    assert schedule.failures == 9
+    schedule.reset()
+    assert (schedule.next_delay(), schedule.failures) == (0.5, 1)
+
+
+def test_backoff_jitter_stays_within_the_schedule():
+    schedule = RetrySchedule()
+    delays = [schedule.next_delay() for _ in range(12)]
+    caps = [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 30]
+    assert all(0 <= delay <= cap for delay, cap in zip(delays, caps))
+    assert len(set(delays)) > 1
+
+
+def test_timer():
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        timer = Timer(20, due_now=False)
+        assert not timer.due() and timer.remaining() == 20
+        clock.tick(19.9)
+        assert not timer.due()
+        clock.tick(0.1)
+        assert timer.due() and timer.remaining() == 0
+        timer.restart()
+        assert timer.remaining() == 20
+
+
+def test_the_ttl_is_refreshed_every_third_of_the_ttl():
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = FakeRegistry()
+        worker = reconciler(config(ttl=30), registry)
+        refreshes = []
+        for _ in range(31):
+            worker._step()
+            refreshes.append(registry.refreshes)
+            clock.tick(1)
+    # at t = 10, 20 and 30 s, and never twice for one interval
+    assert refreshes == [0] * 10 + [1] * 10 + [2] * 10 + [3]
+
+
+def test_no_refresh_without_ttl():
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = FakeRegistry()
+        worker = reconciler(config(ttl=0), registry)
+        for _ in range(5):
+            worker._step()
+            clock.tick(100)
+    assert registry.refreshes == 0
+
+
+def test_full_reconcile_on_connect_then_every_resync_interval(caplog):
+    caplog.set_level(logging.DEBUG, logger="register")
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        worker = reconciler(config(ttl=0, resync=60))
+        worker._step()
+        assert worker.full_reconciles == 0  # not before Docker's event stream is connected
+        worker.set_events_connected(True)
+        worker._step()
+        assert worker.full_reconciles == 1
+        clock.tick(59)
+        worker._step()
+        assert worker.full_reconciles == 1
+        clock.tick(1)
+        worker._step()
+        assert worker.full_reconciles == 2
+    reasons = [r.getMessage().split(":")[0] for r in caplog.records if "full reconcile" in r.getMessage()]
+    assert reasons == ["full reconcile (connected to Docker's event stream)",
+                       "full reconcile (periodic resync)"]
+
+
+def test_a_refresh_that_finds_the_directory_gone_triggers_a_full_reconcile(caplog):
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = FakeRegistry()
+        worker = reconciler(config(ttl=30, resync=600), registry)
+        worker.set_events_connected(True)
+        worker._step()
+        registry.dir_present = False
+        clock.tick(10)
+        worker._step()
+    assert worker.full_reconciles == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "host directory /registered/10.0.0.1 had expired or lost its TTL; re-registering everything"]
+
+
+def test_each_retry_is_logged_with_its_cause_and_delay(caplog):
+    port = free_port()  # nothing listens there: a real "connection refused"
+    cfg = config(port=port)
+    worker = reconciler(cfg, EtcdRegistry(cfg))
+    worker._failures = RetrySchedule(jitter=None)
+    for _ in range(3):  # what run() does on each failed step
+        with pytest.raises(register.RegistryUnavailable) as raised:
+            worker._step()
+        worker._back_off(str(raised.value))
+    cause = f"etcd at http://127.0.0.1:{port} failed: connection refused"
+    assert [r.getMessage() for r in caplog.records if r.name == "register"] == [
+        f"{cause}; 0 container(s) pending; retrying in 0.5 s",
+        f"{cause}; 0 container(s) pending; retrying in 1.0 s",
+        f"{cause}; 0 container(s) pending; retrying in 2.0 s",
+    ]
+
+
+@pytest.mark.parametrize(("exception", "text"), [
+    (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
+    (TimeoutError("timed out"), "timed out"),
+    (RuntimeError("first line\nsecond line"), "first line"),
+])
+def test_describe_gives_the_root_cause(exception, text):
+    try:
+        try:
+            raise exception
+        except Exception as inner:
+            raise register.RegistryUnavailable("outer") from inner
+    except register.RegistryUnavailable as outer:
+        assert register.describe(outer) == text
