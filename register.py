@@ -1126,7 +1126,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     stop = threading.Event()
 
     def on_signal(signum, _frame):
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        if not stop.is_set():
+            log.info("received %s, stopping", signal.Signals(signum).name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)

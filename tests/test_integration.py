@@ -399,3 +399,22 @@ def test_a_hundred_containers_started_at_once_then_killed_at_once(docker, client
     converge(client, f"{prefix}/{HOST}", {}, r, timeout=60)
     wait_until(lambda: r.log.count(": container stopped or gone") == 100, 10, "100 removals logged")
     assert " warning " not in r.log and " error " not in r.log
+
+
+def test_the_readme_run_command_starts_a_local_etcd_and_registers(docker, workdir):
+    cid = run(docker, "-p", "8396:80", BASE_IMAGE)
+    env = {**docker.env, "HOST_IP": "10.99.0.77", "LOCAL_ETCD_DIR": str(workdir / "run-etcd")}
+    env.pop("ETCD_ENDPOINT", None)
+    script = Registrar(workdir, env, name="scripts-run")
+    script.process = testbed.spawn(["bash", str(testbed.ROOT / "scripts" / "run")], script.log_path, env=env)
+    try:
+        script.wait_for_log("started a local etcd at http://127.0.0.1:", timeout=120)
+        url = script.log.split("started a local etcd at ")[1].split(" ")[0]
+        local = etcd.Client(host="127.0.0.1", port=int(url.rsplit(":", 1)[1]), read_timeout=5)
+        converge(local, "/registered/10.99.0.77", {
+            f"/registered/10.99.0.77/{IMAGE}/{cid}": val(rec(cid, "10.99.0.77", 8396, 80))}, script)
+        assert script.stop(signal.SIGTERM, timeout=5) == 0
+        with pytest.raises(etcd.EtcdConnectionFailed):  # its etcd stopped with it
+            local.read("/")
+    finally:
+        script.kill()
