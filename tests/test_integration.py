@@ -185,14 +185,14 @@ def test_start_registers_die_removes_and_prunes_the_image_directory(docker, clie
 
 
 def test_containers_that_die_within_milliseconds_leave_nothing(docker, client, registrar, prefix):
-    r = registrar()
+    r = registrar(resync=1)
     r.wait_for_log("connected to Docker")
     for _ in range(5):
         run(docker, "-p", "80", BASE_IMAGE, "true")
     sentinel = run(docker, "-p", "8301:80", BASE_IMAGE)
     converge(client, f"{prefix}/{HOST}",
              {f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8301, 80))}, r)
-    r.wait_for_log("full reconcile")  # and it stays so after a resync
+    r.wait_for_log("full reconcile (periodic resync)")  # and it stays so after a resync
     assert read_tree(client, f"{prefix}/{HOST}") == \
         {f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8301, 80))}
 
@@ -418,3 +418,30 @@ def test_the_readme_run_command_starts_a_local_etcd_and_registers(docker, workdi
             local.read("/")
     finally:
         script.kill()
+
+
+def test_an_etcd_cluster_list_moves_past_a_dead_member(docker, client, registrar, prefix, etcd_server):
+    cid = run(docker, "-p", "8397:80", BASE_IMAGE)
+    dead = f"127.0.0.1:{testbed.free_port()}"
+    r = registrar(endpoint=f"{dead},{etcd_server.endpoint}")
+    converge(client, f"{prefix}/{HOST}",
+             {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8397, 80))}, r)
+    assert f"etcd at http://{dead} failed: connection refused" in r.log
+
+
+def test_json_log_lines(docker, client, registrar, prefix):
+    cid = run(docker, "--name", "jsonlog", "-p", "8398:80", BASE_IMAGE)
+    r = registrar(args=("--log-format", "json"))
+    converge(client, f"{prefix}/{HOST}",
+             {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8398, 80))}, r)
+    r.wait_for_log('"event":"reconciled"')
+    lines = [json.loads(line) for line in r.log.splitlines()]
+    registered = [line for line in lines if line.get("event") == "registered"]
+    assert len(registered) == 1
+    line = registered[0]
+    assert set(line) == {"time", "level", "message", "event", "container", "id", "image", "ports", "key"}
+    assert (line["level"], line["container"], line["id"], line["image"], line["ports"], line["key"]) == (
+        "info", "jsonlog", cid[:12], "regtest/busybox:1", f"80/tcp={HOST}:8398",
+        f"{prefix}/{HOST}/{IMAGE}/{cid}")
+    assert line["message"] == \
+        f"registered jsonlog ({cid[:12]}) image regtest/busybox:1 ports 80/tcp={HOST}:8398"
