@@ -618,22 +618,38 @@ class EtcdRegistry:
         """
         if self._dir_ready:
             return False
-        ttl = self.ttl or None
-        try:
-            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=ttl, prevExist=False))
-            repaired = True
-        except etcd.EtcdAlreadyExist:
-            node = self._call(lambda c: c.read(self.host_dir))
-            repaired = False
-            if not node.dir:  # a value sits where the directory belongs: it is ours to replace
-                self._call(lambda c: c.delete(self.host_dir))
-                self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=ttl, prevExist=False))
-                repaired = True
-            elif (node.ttl is None) != (ttl is None):  # TTL lost, or TTL setting changed
-                self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=ttl, prevExist=True))
-                repaired = ttl is not None
+        repaired = self._ensure_ttl_dir() if self.ttl else self._ensure_no_ttl()
         self._dir_ready = True
         return repaired
+
+    def _ensure_ttl_dir(self) -> bool:
+        try:
+            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=False))
+            return True
+        except etcd.EtcdAlreadyExist:
+            pass
+        node = self._call(lambda c: c.read(self.host_dir))
+        if not node.dir:  # a value sits where the directory belongs: it is ours to replace
+            self._call(lambda c: c.delete(self.host_dir))
+            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=False))
+            return True
+        if node.ttl is None:  # re-created by a child write, or left by a run with REGISTER_TTL=0
+            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=True))
+            return True
+        return False
+
+    def _ensure_no_ttl(self) -> bool:
+        """REGISTER_TTL=0: the directory comes with the first record and goes with the last; a TTL
+        left by an earlier run with one must not expire the records now."""
+        try:
+            node = self._call(lambda c: c.read(self.host_dir))
+        except etcd.EtcdKeyNotFound:
+            return False
+        if not node.dir:
+            self._call(lambda c: c.delete(self.host_dir))
+        elif node.ttl is not None:
+            self._call(lambda c: c.write(self.host_dir, None, dir=True, prevExist=True))
+        return False
 
     def refresh(self) -> bool:
         """Extend the host directory's TTL with one write that wakes no watcher.
@@ -669,20 +685,28 @@ class EtcdRegistry:
 
     def put(self, key: str, value: str) -> None:
         self._check_inside(key)
-        self._call(lambda c: c.write(key, value))
-        self.writes += 1
+        for _ in range(3):  # what sits in the way is not a record of this service: it goes
+            try:
+                self._call(lambda c: c.write(key, value))
+                self.writes += 1
+                return
+            except etcd.EtcdNotFile:  # a directory at the record's key
+                self.delete_tree(key)
+            except etcd.EtcdNotDir:  # a value at the image directory's key
+                self.delete(key.rsplit("/", 1)[0])
+        raise RegistryUnavailable(f"etcd: could not write {key}: the tree kept changing under it")
 
     def delete(self, key: str) -> None:
         self._check_inside(key)
         try:
             self._call(lambda c: c.delete(key))
             self.writes += 1
-        except etcd.EtcdKeyNotFound:
-            pass
+        except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
+            pass  # gone, or the tree around it changed: that value is not there any more
 
     def delete_tree(self, key: str) -> None:
         self._check_inside(key)
-        with contextlib.suppress(etcd.EtcdKeyNotFound):
+        with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
             self._call(lambda c: c.delete(key, recursive=True, dir=True))
 
     def prune(self, directory: str) -> None:
@@ -982,11 +1006,11 @@ class Reconciler:
             def converge(item):
                 try:
                     self._converge_one(*item)
-                except Unavailable as exc:
+                except Exception as exc:
                     failures.append((item[0], exc))
 
             list(self._pool.map(converge, wanted.items()))
-        except Unavailable:
+        except Exception:  # Docker failed: every one of them stays dirty
             self._requeue(dirty)
             raise
         if failures:
@@ -1000,7 +1024,7 @@ class Reconciler:
     def _full_reconcile(self, reasons: list[str]) -> None:
         try:
             self._full_reconcile_once(reasons)
-        except Unavailable:
+        except Exception:
             with self._cond:
                 self._full_reasons.update(dict.fromkeys(reasons))
             raise
@@ -1041,7 +1065,7 @@ class Reconciler:
         # deeper than a record (which no version of this service writes).
         keep = {key.rsplit("/", 1)[0] for key in desired}
         keep |= {key.rsplit("/", 1)[0] for key in actual.leaves if key_container_id(key) in unknown}
-        doomed = actual.dirs - keep
+        doomed = actual.dirs - keep - desired.keys()  # a directory at a record's key was replaced
         for directory in doomed:
             if directory.rsplit("/", 1)[0] not in doomed:  # its parent's deletion takes it along
                 self.registry.delete_tree(directory)

@@ -332,6 +332,9 @@ def test_without_ttl_the_empty_host_directory_goes(docker, client, registrar, pr
     docker.docker("rm", "-f", cid)
     wait_until(lambda: not read_tree(client, prefix) and _missing(client, f"{prefix}/{HOST}"), 20,
                "the host directory to go")
+    time.sleep(1)
+    assert _missing(client, f"{prefix}/{HOST}")  # and it stays gone
+    assert r.log.count("full reconcile") == 1  # no reconcile loop over the missing directory
 
 
 def _missing(client, key: str) -> bool:
@@ -350,9 +353,15 @@ def test_drift_is_repaired_by_the_periodic_resync(docker, client, registrar, pre
     r = registrar(resync=2)
     converge(client, f"{prefix}/{HOST}", expected, r)
     client.delete(f"{prefix}/{HOST}/{IMAGE}/{a}")
+    client.write(f"{prefix}/{HOST}/{IMAGE}/{a}/junk", "a directory where a record belongs")
     client.write(f"{prefix}/{HOST}/{IMAGE}/{b}", "wrong")
     client.write(f"{prefix}/{HOST}/{IMAGE}/{'9' * 64}", "stale")
+    client.write(f"{prefix}/{HOST}/other::image:1", "a value where a directory belongs")
     converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)
+    client.delete(f"{prefix}/{HOST}/{IMAGE}", recursive=True, dir=True)
+    client.write(f"{prefix}/{HOST}/{IMAGE}", "a value where a directory belongs")
+    converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)
+    assert "unexpected error" not in r.log
 
 
 def test_waits_for_etcd_with_backoff_then_registers(docker, client, registrar, prefix, workdir):
