@@ -454,3 +454,24 @@ def test_json_log_lines(docker, client, registrar, prefix):
         f"{prefix}/{HOST}/{IMAGE}/{cid}")
     assert line["message"] == \
         f"registered jsonlog ({cid[:12]}) image regtest/busybox:1 ports 80/tcp={HOST}:8398"
+
+
+def test_writes_missed_while_etcd_is_down_are_made_when_it_returns(docker, registrar, prefix, workdir):
+    own = testbed.EtcdServer(workdir, name="outage")
+    own.start()
+    try:
+        client = own.client()
+        leaving = run(docker, "-p", "8401:80", BASE_IMAGE)
+        r = registrar(endpoint=own.endpoint)
+        converge(client, f"{prefix}/{HOST}",
+                 {f"{prefix}/{HOST}/{IMAGE}/{leaving}": val(rec(leaving, HOST, 8401, 80))}, r)
+        own.stop()
+        arriving = run(docker, "-p", "8402:80", BASE_IMAGE)
+        docker.docker("stop", "-t", "0", leaving)
+        r.wait_for_log("2 container(s) pending; retrying in")
+        own.start()  # same data directory: the old record is still there
+        converge(client, f"{prefix}/{HOST}",
+                 {f"{prefix}/{HOST}/{IMAGE}/{arriving}": val(rec(arriving, HOST, 8402, 80))}, r)
+        assert "failed: connection refused; 2 container(s) pending; retrying in" in r.log
+    finally:
+        own.stop()

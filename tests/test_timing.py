@@ -5,8 +5,10 @@ its scheduling); the retry test talks to a real closed port, so the failure is a
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from pathlib import Path
 
 import pytest
 from freezegun import freeze_time
@@ -171,3 +173,46 @@ def test_describe_gives_the_root_cause(exception, text):
             raise register.RegistryUnavailable("outer") from inner
     except register.RegistryUnavailable as outer:
         assert register.describe(outer) == text
+
+
+class FlakyRegistry(FakeRegistry):
+    """Fails every put until told otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.failing = True
+        self.records = {}
+
+    def put(self, key, value):
+        if self.failing:
+            raise register.RegistryUnavailable("etcd at http://127.0.0.1:2379 failed: timed out")
+        self.records[key] = value
+
+
+class OneContainerEngine(FakeEngine):
+    def __init__(self, inspect):
+        self.data = inspect
+
+    def inspect(self, container_id):
+        return self.data if container_id == self.data["Id"] else None
+
+
+def test_a_failed_put_leaves_the_container_dirty_until_it_succeeds():
+    fixture = Path(__file__).parent / "fixtures" / "inspect" / "wildcard_tcp_udp.json"
+    inspect = json.loads(fixture.read_text())["inspect"]
+    registry = FlakyRegistry()
+    stop = threading.Event()
+    stop.set()
+    worker = Reconciler(config(ttl=0), registry, OneContainerEngine(inspect), stop)
+    worker._events_connected = True  # as if connected, without the full reconcile it would ask for
+    worker.mark_dirty(inspect["Id"])
+    for _ in range(3):
+        with pytest.raises(register.RegistryUnavailable):
+            worker._step()
+        assert worker._dirty == {inspect["Id"]} and worker.known == {}
+    registry.failing = False
+    worker._step()
+    assert worker._dirty == set()
+    key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
+    assert list(registry.records) == [key]
+    assert worker.known[inspect["Id"]].key == key
