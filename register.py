@@ -485,6 +485,18 @@ def key_container_id(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
+def describe_record(key: str, value: str) -> str:
+    """A found record, for the log line of its removal: what it advertised, when it can tell."""
+    try:
+        records = json.loads(value)
+        ports = ",".join(f"{r['private_port']}/{r['port_type']}={_host_port(r['ip'], r['public_port'])}"
+                         for r in records)
+        return (f"record of {records[0]['container'][:12]} image {records[0]['image']} "
+                f"ports {ports} ({key})")
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return f"key {key}"
+
+
 # ---------------------------------------------------------------------------------------------
 # Retry schedule
 # ---------------------------------------------------------------------------------------------
@@ -567,7 +579,6 @@ class EtcdRegistry:
         self._lock = threading.Lock()
         self._dir_ready = False
         self.closed = False
-        self.writes = 0  # record puts and deletes, for the operator and the benchmark
 
     @property
     def endpoint(self) -> Endpoint:
@@ -688,7 +699,6 @@ class EtcdRegistry:
         for _ in range(3):  # what sits in the way is not a record of this service: it goes
             try:
                 self._call(lambda c: c.write(key, value))
-                self.writes += 1
                 return
             except etcd.EtcdNotFile:  # a directory at the record's key
                 self.delete_tree(key)
@@ -698,11 +708,9 @@ class EtcdRegistry:
 
     def delete(self, key: str) -> None:
         self._check_inside(key)
-        try:
+        # gone, or the tree around it changed: either way that value is not there any more
+        with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
             self._call(lambda c: c.delete(key))
-            self.writes += 1
-        except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
-            pass  # gone, or the tree around it changed: that value is not there any more
 
     def delete_tree(self, key: str) -> None:
         self._check_inside(key)
@@ -847,11 +855,6 @@ class Reconciler:
                 self._full_reasons.setdefault(f"more than {self.MAX_DIRTY} containers pending")
             else:
                 self._dirty.add(container_id)
-            self._cond.notify()
-
-    def request_full(self, reason: str) -> None:
-        with self._cond:
-            self._full_reasons.setdefault(reason)
             self._cond.notify()
 
     def set_events_connected(self, connected: bool) -> None:
@@ -1032,7 +1035,6 @@ class Reconciler:
 
     def _full_reconcile_once(self, reasons: list[str]) -> None:
         started = time.monotonic()
-        writes_before = self.registry.writes
         wanted = self._desired_all(self.engine.running_ids())
         desired = {entry.key: entry for entry in wanted.values() if isinstance(entry, Entry)}
         unknown = {cid for cid, entry in wanted.items() if entry is UNKNOWN}
@@ -1050,17 +1052,16 @@ class Reconciler:
                  if key not in desired and key_container_id(key) not in unknown]
 
         def put(entry: Entry) -> None:
-            self._register(entry, None)
+            self._register(entry, entry if entry.key in actual.leaves else None)
             self.known[entry.container_id] = entry
 
         def delete(key: str) -> None:
             self.registry.delete(key)
-            log_event(logging.INFO, f"removed stale record {key}", event="removed", key=key)
+            log_event(logging.INFO, f"removed stale {describe_record(key, actual.leaves[key])}: "
+                      "no such running container", event="removed", key=key)
 
-        for _ in self._pool.map(put, puts):
-            pass
-        for _ in self._pool.map(delete, stale):
-            pass
+        list(self._pool.map(put, puts))
+        list(self._pool.map(delete, stale))
         # Directories holding no wanted record go: image directories left empty, and anything
         # deeper than a record (which no version of this service writes).
         keep = {key.rsplit("/", 1)[0] for key in desired}
@@ -1077,8 +1078,7 @@ class Reconciler:
                   f"full reconcile ({', '.join(reasons)}): {len(desired)} record(s), "
                   f"{len(puts)} written, {len(stale)} removed, "
                   f"{len(desired) - len(puts)} already right, in {time.monotonic() - started:.2f} s",
-                  event="reconciled", records=len(desired), written=len(puts), removed=len(stale),
-                  writes=self.registry.writes - writes_before)
+                  event="reconciled", records=len(desired), written=len(puts), removed=len(stale))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,6 +273,9 @@ def test_startup_removes_stale_keys_keeps_right_ones_and_never_touches_other_hos
     with pytest.raises(etcd.EtcdKeyNotFound):
         client.read(f"{prefix}/{HOST}/old::image:2")  # emptied image directories go too
     assert "1 written, 4 removed, 1 already right" in r.log
+    assert (f"removed stale record of dddddddddddd image {IMAGE} ports 80/tcp={HOST}:1234 "
+            f"({prefix}/{HOST}/{IMAGE}/{'d' * 64}): no such running container") in r.log
+    assert f"removed stale key {prefix}/{HOST}/not-a-record: no such running container" in r.log
 
 
 def test_a_restart_of_the_service_writes_nothing(docker, client, registrar, prefix):

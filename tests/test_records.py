@@ -225,3 +225,13 @@ def test_since_from_event_time():
         "1700000000.012345678"
     assert register.since_from({"time": 1700000000}) == "1700000000"
     assert register.since_from({}) is None
+
+
+def test_describe_record_for_removal_logs():
+    key = "/registered/10.0.0.1/regtest::busybox:1/" + "a" * 64
+    value = ('[{"container":"' + "a" * 64 + '","image":"regtest::busybox:1","ip":"fd00::1",'
+             '"public_port":"8080","private_port":"80","port_type":"tcp"}]')
+    assert register.describe_record(key, value) == \
+        f"record of aaaaaaaaaaaa image regtest::busybox:1 ports 80/tcp=[fd00::1]:8080 ({key})"
+    for odd in ("x", "[]", "{}", "[1]", '[{"container":"a"}]', "null"):
+        assert register.describe_record(key, odd) == f"key {key}"
