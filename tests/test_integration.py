@@ -56,8 +56,9 @@ def registrar(workdir, etcd_server, engine, prefix):
     started: list[Registrar] = []
 
     def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
-              endpoint: str | None = None) -> Registrar:
+              endpoint: str | None = None, docker_host: str | None = None) -> Registrar:
         env = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
+               "DOCKER_HOST": docker_host or engine.host,
                "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
                "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug"}
         started.append(Registrar(workdir, env, list(args)).start())
@@ -478,3 +479,15 @@ def test_writes_missed_while_etcd_is_down_are_made_when_it_returns(docker, regis
         assert "failed: connection refused; 2 container(s) pending; retrying in" in r.log
     finally:
         own.stop()
+
+
+def test_waits_for_the_docker_socket_then_registers(docker, client, registrar, prefix, workdir):
+    cid = run(docker, "-p", "8403:80", BASE_IMAGE)
+    later = workdir / "later.sock"
+    r = registrar(docker_host=f"unix://{later}")
+    r.wait_for_log(f"waiting for Docker: Docker at unix://{later} failed: no such file or directory; "
+                   "retrying in")
+    later.symlink_to(docker.socket)  # the engine's socket appears
+    converge(client, f"{prefix}/{HOST}",
+             {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8403, 80))}, r)
+    r.wait_for_log(f"connected to Docker at unix://{later}")
