@@ -245,8 +245,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "(v2 API) under <prefix>/<host-ip>/<image>/<container-id>, and keep them equal "
                     "to the truth. Every setting is an environment variable and a flag; the flag "
                     "wins. Docker is reached as the Docker CLI does (DOCKER_HOST, DOCKER_TLS_VERIFY, "
-                    "DOCKER_CERT_PATH; the local socket by default).",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "DOCKER_CERT_PATH; the local socket by default).")
     for s in SETTINGS:
         default = f" (default: {s.default})" if s.default is not None else ""
         parser.add_argument(s.flag, dest=s.env, metavar=s.env, default=None,
