@@ -1136,7 +1136,8 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
 # Main
 # ---------------------------------------------------------------------------------------------
 
-SHUTDOWN_SECONDS = 1.5
+SHUTDOWN_SECONDS = 1.8  # SIGTERM to exit: within 2 s, whatever etcd and Docker are doing
+DEREGISTER_SECONDS = 1.0  # of which the subtree deletion of --deregister-on-exit may take
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
@@ -1176,17 +1177,38 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     reconciler.wake()
     engine.close()
     for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+        thread.join(max(0.0, deadline - time.monotonic() - (DEREGISTER_SECONDS
+                                                            if config.deregister_on_exit else 0)))
     if config.deregister_on_exit:
-        try:
-            registry.delete_host_subtree()
-            log.info("deleted %s/ (--deregister-on-exit)", config.host_dir)
-        except Unavailable as exc:
-            log.error("could not delete %s/ on exit: %s; it expires with its TTL", config.host_dir, exc)
+        deregister(registry, deadline)
     log.info("stopped; %d record(s) left in place", 0 if config.deregister_on_exit
              else len(reconciler.known))
     return 0
 
 
+def deregister(registry: EtcdRegistry, deadline: float) -> None:
+    """Delete this host's subtree, giving up at the shutdown deadline (the TTL then takes it)."""
+    done = threading.Event()
+
+    def delete() -> None:
+        try:
+            registry.delete_host_subtree()
+            log.info("deleted %s/ (--deregister-on-exit)", registry.host_dir)
+        except Unavailable as exc:
+            log.error("could not delete %s/ on exit: %s; it expires with its TTL", registry.host_dir, exc)
+        done.set()
+
+    threading.Thread(target=delete, name="deregister", daemon=True).start()
+    if not done.wait(max(0.0, deadline - time.monotonic())):
+        log.error("could not delete %s/ on exit: etcd did not answer in time; it expires with its TTL",
+                  registry.host_dir)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Exit now: an I/O thread may still wait on a stalled etcd or Docker, and the interpreter
+    # would otherwise join it. Every record is one put, so nothing is left half-written.
+    os._exit(status)

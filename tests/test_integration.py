@@ -491,3 +491,26 @@ def test_waits_for_the_docker_socket_then_registers(docker, client, registrar, p
     converge(client, f"{prefix}/{HOST}",
              {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8403, 80))}, r)
     r.wait_for_log(f"connected to Docker at unix://{later}")
+
+
+def test_sigterm_exits_within_two_seconds_while_etcd_stalls(docker, registrar, prefix, workdir):
+    own = testbed.EtcdServer(workdir, name="stalled")
+    own.start()
+    try:
+        first = run(docker, "-p", "8404:80", BASE_IMAGE)
+        plain = registrar(endpoint=own.endpoint)
+        leaving = registrar(endpoint=own.endpoint, host="10.99.0.2", args=("--deregister-on-exit",))
+        converge(own.client(), f"{prefix}/{HOST}",
+                 {f"{prefix}/{HOST}/{IMAGE}/{first}": val(rec(first, HOST, 8404, 80))}, plain)
+        converge(own.client(), f"{prefix}/10.99.0.2",
+                 {f"{prefix}/10.99.0.2/{IMAGE}/{first}": val(rec(first, "10.99.0.2", 8404, 80))}, leaving)
+        own.process.send_signal(signal.SIGSTOP)  # etcd stalls: requests hang until their timeout
+        run(docker, "-p", "8405:80", BASE_IMAGE)  # a put that hangs
+        time.sleep(1)
+        assert plain.stop(signal.SIGTERM, timeout=2) == 0
+        assert leaving.stop(signal.SIGTERM, timeout=2) == 0
+        assert (f"could not delete {prefix}/10.99.0.2/ on exit: etcd did not answer in time; "
+                "it expires with its TTL") in leaving.log
+    finally:
+        own.process.send_signal(signal.SIGCONT)
+        own.stop()
