@@ -55,7 +55,7 @@ class ConfigError(Exception):
 class Setting:
     env: str
     flag: str
-    default: str | None
+    default: str | None  # None: required; "": optional, unset by default
     expected: str  # what a good value looks like, in words
     example: str
     help: str
@@ -79,6 +79,16 @@ SETTINGS = (
     Setting("REGISTER_RESYNC", "--resync", "60",
             "a whole number of seconds from 1 up", "60",
             "seconds between full reconciles (the safety net that repairs any drift)"),
+    Setting("ETCD_CA_FILE", "--etcd-ca-file", "",
+            "a readable PEM file", "/etc/ssl/etcd/ca.pem",
+            "CA certificate(s) to verify etcd's server certificate with (https endpoints; the "
+            "system's CAs by default)"),
+    Setting("ETCD_CERT_FILE", "--etcd-cert-file", "",
+            "a readable PEM file", "/etc/ssl/etcd/client.pem",
+            "client certificate for etcd's client certificate authentication (with ETCD_KEY_FILE)"),
+    Setting("ETCD_KEY_FILE", "--etcd-key-file", "",
+            "a readable PEM file", "/etc/ssl/etcd/client-key.pem",
+            "the client certificate's private key (with ETCD_CERT_FILE)"),
     Setting("LOG_LEVEL", "--log-level", "info",
             "debug, info, warning or error", "info", "log verbosity"),
     Setting("LOG_FORMAT", "--log-format", "text",
@@ -114,6 +124,9 @@ class Config:
     log_level: str
     log_format: str
     deregister_on_exit: bool
+    etcd_ca_file: str | None = None
+    etcd_cert_file: str | None = None
+    etcd_key_file: str | None = None
 
     @property
     def host_dir(self) -> str:
@@ -214,6 +227,12 @@ def parse_seconds(text: str, minimum: int, allow_zero: bool) -> int:
     return value
 
 
+def parse_file(text: str) -> str:
+    if not os.path.isfile(text) or not os.access(text, os.R_OK):
+        raise ValueError("is not a readable file")
+    return text
+
+
 def parse_choice(choices: Iterable[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.lower() not in choices:
@@ -228,6 +247,9 @@ PARSERS: Mapping[str, Callable[[str], object]] = {
     "REGISTER_PREFIX": parse_prefix,
     "REGISTER_TTL": lambda text: parse_seconds(text, MIN_TTL, allow_zero=True),
     "REGISTER_RESYNC": lambda text: parse_seconds(text, 1, allow_zero=False),
+    "ETCD_CA_FILE": parse_file,
+    "ETCD_CERT_FILE": parse_file,
+    "ETCD_KEY_FILE": parse_file,
     "LOG_LEVEL": parse_choice(LOG_LEVELS),
     "LOG_FORMAT": parse_choice(("text", "json")),
 }
@@ -247,7 +269,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "wins. Docker is reached as the Docker CLI does (DOCKER_HOST, DOCKER_TLS_VERIFY, "
                     "DOCKER_CERT_PATH; the local socket by default).")
     for s in SETTINGS:
-        default = f" (default: {s.default})" if s.default is not None else ""
+        default = f" (default: {s.default})" if s.default else ""
         parser.add_argument(s.flag, dest=s.env, metavar=s.env, default=None,
                             help=f"{s.help} [env {s.env}]{default}")
     parser.add_argument("--deregister-on-exit", action="store_true",
@@ -273,16 +295,36 @@ def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
             raise ConfigError(f"{s.env} is not set (nor {s.flag}); expected {s.expected}, "
                               f"e.g. {s.env}={s.example}")
         if not text.strip():
+            if s.default == "":  # an optional setting, left empty: unset
+                values[s.env] = None
+                continue
             raise ConfigError(f"{source} is empty; expected {s.expected}, e.g. {source}={s.example}")
         try:
             values[s.env] = PARSERS[s.env](text.strip())
         except ValueError as exc:
             raise _problem(s, source, text, str(exc)) from None
+    _check_tls(values)
     return Config(
         etcd_endpoints=values["ETCD_ENDPOINT"], host_ip=values["HOST_IP"],
         prefix=values["REGISTER_PREFIX"], ttl=values["REGISTER_TTL"],
         resync=values["REGISTER_RESYNC"], log_level=values["LOG_LEVEL"],
-        log_format=values["LOG_FORMAT"], deregister_on_exit=args.deregister_on_exit)
+        log_format=values["LOG_FORMAT"], deregister_on_exit=args.deregister_on_exit,
+        etcd_ca_file=values["ETCD_CA_FILE"], etcd_cert_file=values["ETCD_CERT_FILE"],
+        etcd_key_file=values["ETCD_KEY_FILE"])
+
+
+def _check_tls(values: Mapping[str, object]) -> None:
+    """The TLS files go with https endpoints, and a client certificate with its key."""
+    cert, key = SETTING["ETCD_CERT_FILE"], SETTING["ETCD_KEY_FILE"]
+    for given, missing in ((cert, key), (key, cert)):
+        if values[given.env] and not values[missing.env]:
+            raise ConfigError(f"{given.env} is set but {missing.env} is not; expected both, "
+                              f"e.g. {missing.env}={missing.example}")
+    uses_http = values["ETCD_ENDPOINT"][0].protocol == "http"
+    for name in ("ETCD_CA_FILE", "ETCD_CERT_FILE"):
+        if values[name] and uses_http:
+            raise ConfigError(f"{name} is set but ETCD_ENDPOINT uses http; expected https endpoints "
+                              "with it, e.g. ETCD_ENDPOINT=https://127.0.0.1:2379")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,8 +383,8 @@ def describe(exc: BaseException) -> str:
     if isinstance(seen, (TimeoutError, socket.timeout, urllib3.exceptions.TimeoutError,
                          requests.exceptions.Timeout)):
         return "timed out"
-    if isinstance(seen, OSError) and seen.strerror:
-        return seen.strerror.lower()
+    if isinstance(seen, OSError) and seen.strerror:  # "Connection refused" -> "connection refused"
+        return seen.strerror[:1].lower() + seen.strerror[1:]
     text = str(seen) or type(seen).__name__
     return text.splitlines()[0][:300]
 
@@ -571,6 +613,7 @@ class EtcdRegistry:
 
     def __init__(self, config: Config):
         self.endpoints = config.etcd_endpoints
+        self.tls = config  # etcd_ca_file, etcd_cert_file, etcd_key_file
         self.host_dir = config.host_dir
         self.ttl = config.ttl
         self._client: etcd.Client | None = None
@@ -589,9 +632,12 @@ class EtcdRegistry:
         with self._lock:
             if self._client is None:
                 ep = self.endpoint
+                cert = (self.tls.etcd_cert_file, self.tls.etcd_key_file) \
+                    if self.tls.etcd_cert_file else None
                 self._client = etcd.Client(host=ep.host, port=ep.port, protocol=ep.protocol,
                                            read_timeout=self.TIMEOUT, allow_reconnect=False,
-                                           per_host_pool_size=self.POOL)
+                                           per_host_pool_size=self.POOL, cert=cert,
+                                           ca_cert=self.tls.etcd_ca_file)
                 # urllib3 would retry each request three more times on its own (4 x TIMEOUT
                 # against a stalled etcd); retries are this service's, with backoff and a log line.
                 self._client.http.connection_pool_kw["retries"] = urllib3.Retry(0)

@@ -95,6 +95,18 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
      "e.g. LOG_LEVEL=info"),
     ({**GOOD, "LOG_FORMAT": "xml"}, [],
      "LOG_FORMAT='xml' is not one of the choices; expected text or json, e.g. LOG_FORMAT=json"),
+    ({**GOOD, "ETCD_ENDPOINT": "https://etcd:2379", "ETCD_CA_FILE": "/nonexistent/ca.pem"}, [],
+     "ETCD_CA_FILE='/nonexistent/ca.pem' is not a readable file; expected a readable PEM file, "
+     "e.g. ETCD_CA_FILE=/etc/ssl/etcd/ca.pem"),
+    ({**GOOD, "ETCD_ENDPOINT": "https://etcd:2379", "ETCD_CERT_FILE": str(REGISTER)}, [],
+     "ETCD_CERT_FILE is set but ETCD_KEY_FILE is not; expected both, "
+     "e.g. ETCD_KEY_FILE=/etc/ssl/etcd/client-key.pem"),
+    ({**GOOD, "ETCD_ENDPOINT": "https://etcd:2379", "ETCD_KEY_FILE": str(REGISTER)}, [],
+     "ETCD_KEY_FILE is set but ETCD_CERT_FILE is not; expected both, "
+     "e.g. ETCD_CERT_FILE=/etc/ssl/etcd/client.pem"),
+    ({**GOOD, "ETCD_CA_FILE": str(REGISTER)}, [],
+     "ETCD_CA_FILE is set but ETCD_ENDPOINT uses http; expected https endpoints with it, "
+     "e.g. ETCD_ENDPOINT=https://127.0.0.1:2379"),
     # a flag is named as a flag
     (GOOD, ["--ttl=-1"], f"--ttl='-1' is negative; {TTL_EXPECTED}, e.g. --ttl=60"),
     (GOOD, ["--host-ip", "example.org"],
@@ -118,6 +130,8 @@ def test_help_documents_every_setting_with_its_default():
         ("ETCD_ENDPOINT", "--etcd-endpoint", None), ("HOST_IP", "--host-ip", None),
         ("REGISTER_PREFIX", "--prefix", "/registered"), ("REGISTER_TTL", "--ttl", "60"),
         ("REGISTER_RESYNC", "--resync", "60"), ("LOG_LEVEL", "--log-level", "info"),
+        ("ETCD_CA_FILE", "--etcd-ca-file", None), ("ETCD_CERT_FILE", "--etcd-cert-file", None),
+        ("ETCD_KEY_FILE", "--etcd-key-file", None),
         ("LOG_FORMAT", "--log-format", "text"),
     ]:
         assert f"{flag} {env}" in text
@@ -134,6 +148,15 @@ def test_defaults():
         etcd_endpoints=(Endpoint("http", "127.0.0.1", 2379),), host_ip="10.0.0.1", prefix="/registered",
         ttl=60, resync=60, log_level="info", log_format="text", deregister_on_exit=False)
     assert config.host_dir == "/registered/10.0.0.1"
+
+
+def test_tls_files_and_empty_optional_settings():
+    config = load_config(["--etcd-ca-file", str(REGISTER)],
+                         {"ETCD_ENDPOINT": "https://etcd:2379", "HOST_IP": "10.0.0.1",
+                          "ETCD_CERT_FILE": str(REGISTER), "ETCD_KEY_FILE": str(REGISTER)})
+    assert (config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file) == (str(REGISTER),) * 3
+    empty = load_config([], {**GOOD, "ETCD_CA_FILE": "", "ETCD_CERT_FILE": " ", "ETCD_KEY_FILE": ""})
+    assert (empty.etcd_ca_file, empty.etcd_cert_file, empty.etcd_key_file) == (None, None, None)
 
 
 def test_a_flag_wins_over_the_environment():

@@ -514,3 +514,23 @@ def test_sigterm_exits_within_two_seconds_while_etcd_stalls(docker, registrar, p
     finally:
         own.process.send_signal(signal.SIGCONT)
         own.stop()
+
+
+def test_etcd_over_tls_with_a_client_certificate(docker, registrar, prefix, workdir):
+    tls = testbed.make_tls(workdir / "tls")
+    secure = testbed.EtcdServer(workdir, name="tls", tls=tls)
+    secure.start()
+    try:
+        cid = run(docker, "-p", "8406:80", BASE_IMAGE)
+        r = registrar(endpoint=secure.url, args=(
+            "--etcd-ca-file", str(tls["ca"]), "--etcd-cert-file", str(tls["client"]),
+            "--etcd-key-file", str(tls["client-key"])))
+        converge(secure.client(), f"{prefix}/{HOST}",
+                 {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8406, 80))}, r)
+        assert r.log.count(f"etcd {secure.url}, subtree") == 1
+        untrusted = registrar(endpoint=secure.url, host="10.99.0.3")  # no CA: the server is not trusted
+        untrusted.wait_for_log(f"etcd at {secure.url} failed: [SSL: CERTIFICATE_VERIFY_FAILED] "
+                               "certificate verify failed: unable to get local issuer certificate")
+        assert "0 container(s) pending; retrying in" in untrusted.log
+    finally:
+        secure.stop()

@@ -73,12 +73,35 @@ def spawn(args: list[str], log_path: Path, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, **kwargs)
 
 
-class EtcdServer:
-    """A single-node etcd with the v2 API, on loopback, with a data directory of its own."""
+def make_tls(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {name: directory / f"{name}.pem" for name in
+             ("ca", "ca-key", "server", "server-key", "client", "client-key")}
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=regtest-ca", "-keyout", str(files["ca-key"]), "-out", str(files["ca"]))
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+                            ("client", "extendedKeyUsage=clientAuth")):
+        request = directory / f"{name}.csr"
+        extfile = directory / f"{name}.ext"
+        extfile.write_text(extension + "\n")
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=regtest-{name}",
+            "-keyout", str(files[f"{name}-key"]), "-out", str(request))
+        run("openssl", "x509", "-req", "-in", str(request), "-CA", str(files["ca"]),
+            "-CAkey", str(files["ca-key"]), "-CAcreateserial", "-days", "2",
+            "-extfile", str(extfile), "-out", str(files[name]))
+    return files
 
-    def __init__(self, workdir: Path, name: str = "regtest"):
+
+class EtcdServer:
+    """A single-node etcd with the v2 API, on loopback, with a data directory of its own.
+
+    With `tls` (from make_tls), it serves https and asks clients for a certificate."""
+
+    def __init__(self, workdir: Path, name: str = "regtest", tls: dict[str, Path] | None = None):
         self.workdir = workdir
         self.name = name
+        self.tls = tls
         self.data_dir = workdir / f"etcd-{name}"
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -86,11 +109,11 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        return self.url if self.tls else f"127.0.0.1:{self.client_port}"
 
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -99,9 +122,15 @@ class EtcdServer:
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
              "--initial-cluster", f"{self.name}={peer}", "--enable-v2=true",
-             "--log-level", "warn"],
+             "--log-level", "warn", *self._tls_flags()],
             self.workdir / f"etcd-{self.name}.log", start_new_session=True)
         wait_until(self._healthy, 30, f"etcd at {self.url}")
+
+    def _tls_flags(self) -> list[str]:
+        if not self.tls:
+            return []
+        return ["--cert-file", str(self.tls["server"]), "--key-file", str(self.tls["server-key"]),
+                "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
 
     def _healthy(self) -> bool:
         if self.process.poll() is not None:
@@ -114,6 +143,10 @@ class EtcdServer:
             return False
 
     def client(self) -> etcd.Client:
+        if self.tls:
+            return etcd.Client(host="127.0.0.1", port=self.client_port, read_timeout=5, protocol="https",
+                               ca_cert=str(self.tls["ca"]),
+                               cert=(str(self.tls["client"]), str(self.tls["client-key"])))
         return etcd.Client(host="127.0.0.1", port=self.client_port, read_timeout=5)
 
     def stop(self) -> None:
