@@ -613,7 +613,8 @@ class EtcdRegistry:
 
     def __init__(self, config: Config):
         self.endpoints = config.etcd_endpoints
-        self.tls = config  # etcd_ca_file, etcd_cert_file, etcd_key_file
+        self._ca_file = config.etcd_ca_file
+        self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
         self.host_dir = config.host_dir
         self.ttl = config.ttl
         self._client: etcd.Client | None = None
@@ -632,12 +633,10 @@ class EtcdRegistry:
         with self._lock:
             if self._client is None:
                 ep = self.endpoint
-                cert = (self.tls.etcd_cert_file, self.tls.etcd_key_file) \
-                    if self.tls.etcd_cert_file else None
                 self._client = etcd.Client(host=ep.host, port=ep.port, protocol=ep.protocol,
                                            read_timeout=self.TIMEOUT, allow_reconnect=False,
-                                           per_host_pool_size=self.POOL, cert=cert,
-                                           ca_cert=self.tls.etcd_ca_file)
+                                           per_host_pool_size=self.POOL, cert=self._cert,
+                                           ca_cert=self._ca_file)
                 # urllib3 would retry each request three more times on its own (4 x TIMEOUT
                 # against a stalled etcd); retries are this service's, with backoff and a log line.
                 self._client.http.connection_pool_kw["retries"] = urllib3.Retry(0)
