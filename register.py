@@ -813,7 +813,7 @@ class DockerEngine:
                     self._api = docker.APIClient(version="auto", timeout=self.TIMEOUT,
                                                  **docker.utils.kwargs_from_env())
                 except docker.errors.DockerException as exc:
-                    raise EngineUnavailable(f"Docker at {self.address} failed: {describe(exc)}") from exc
+                    raise self._unavailable(exc) from exc
             return self._api
 
     def _unavailable(self, exc: BaseException) -> EngineUnavailable:
