@@ -410,7 +410,6 @@ class Entry(NamedTuple):
 CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}")
 PORT_KEY_RE = re.compile(r"([0-9]{1,5})/(tcp|udp|sctp)")
 IMAGE_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]*")
-WILDCARD_ADDRESSES = ("", "0.0.0.0", "::")
 
 
 def image_key(image: object) -> str:
@@ -441,7 +440,7 @@ def _port_key(text: object) -> tuple[int, str]:
 
 def _advertised_ip(host_ip_binding: object, host_ip: str) -> str | None:
     """The address to advertise for a binding; None for loopback-only bindings."""
-    if host_ip_binding is None or host_ip_binding in WILDCARD_ADDRESSES:
+    if host_ip_binding in (None, ""):  # Docker's way of saying every address
         return host_ip
     try:
         address = ipaddress.ip_address(host_ip_binding)
@@ -449,9 +448,7 @@ def _advertised_ip(host_ip_binding: object, host_ip: str) -> str | None:
         raise RecordError(f"binding address {host_ip_binding!r} is not an IP address") from None
     if address.is_loopback:
         return None
-    if address.is_unspecified:
-        return host_ip
-    return str(address)
+    return host_ip if address.is_unspecified else str(address)  # 0.0.0.0 and :: are wildcards
 
 
 def port_records(inspect: Mapping, host_ip: str) -> list[tuple[int, str, str, int]]:
@@ -512,14 +509,14 @@ def desired_entry(inspect: Mapping, host_ip: str, prefix: str) -> Entry | None:
         {"container": container_id, "image": image_part, "ip": ip, "public_port": str(public),
          "private_port": str(private), "port_type": kind}
         for private, kind, ip, public in records], separators=(",", ":"))
-    ports = ",".join(f"{private}/{kind}={_host_port(ip, public)}"
-                     for private, kind, ip, public in records)
     return Entry(container_id, container_name(inspect), image,
-                 f"{prefix}/{host_ip}/{image_part}/{container_id}", value, ports)
+                 f"{prefix}/{host_ip}/{image_part}/{container_id}", value, ports_summary(records))
 
 
-def _host_port(ip: str, port: int) -> str:
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+def ports_summary(records: Iterable[tuple]) -> str:
+    """(private, type, ip, public) records as log text: 80/tcp=10.0.0.1:49153,53/udp=[fd00::1]:53"""
+    return ",".join(f"{private}/{kind}=" + (f"[{ip}]:{public}" if ":" in ip else f"{ip}:{public}")
+                    for private, kind, ip, public in records)
 
 
 def key_container_id(key: str) -> str:
@@ -530,8 +527,8 @@ def describe_record(key: str, value: str) -> str:
     """A found record, for the log line of its removal: what it advertised, when it can tell."""
     try:
         records = json.loads(value)
-        ports = ",".join(f"{r['private_port']}/{r['port_type']}={_host_port(r['ip'], r['public_port'])}"
-                         for r in records)
+        ports = ports_summary((r["private_port"], r["port_type"], r["ip"], r["public_port"])
+                              for r in records)
         return (f"record of {records[0]['container'][:12]} image {records[0]['image']} "
                 f"ports {ports} ({key})")
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):

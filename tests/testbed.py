@@ -93,6 +93,18 @@ def make_tls(directory: Path) -> dict[str, Path]:
     return files
 
 
+def end(process: subprocess.Popen | None, sig: int = signal.SIGTERM, grace: float = 10) -> None:
+    """Signal a process and wait for it; kill it if it outlives the grace period."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 class EtcdServer:
     """A single-node etcd with the v2 API, on loopback, with a data directory of its own.
 
@@ -150,13 +162,7 @@ class EtcdServer:
         return etcd.Client(host="127.0.0.1", port=self.client_port, read_timeout=5)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end(self.process)
 
 
 class DockerEngine:
@@ -258,18 +264,10 @@ class DockerEngine:
             self.docker("rm", "-f", *ids, timeout=300)
 
     def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end(self.process, sig, grace=30)
 
     def stop(self) -> None:
-        if self.registry and self.registry.poll() is None:
-            self.registry.kill()
-            self.registry.wait()
+        end(self.registry, signal.SIGKILL)
         with contextlib.suppress(Exception):
             self.remove_all_containers()
         self.stop_daemon()
@@ -311,9 +309,7 @@ class Registrar:
         return self.process.wait(timeout)
 
     def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
+        end(self.process, signal.SIGKILL)
 
 
 def read_tree(client: etcd.Client, key: str) -> dict[str, str]:
