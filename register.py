@@ -546,7 +546,7 @@ class RetrySchedule:
     backoff delay.
     """
 
-    def __init__(self, first: float = 0.5, cap: float = 30.0,
+    def __init__(self, first: float = 0.5, cap: float = 10.0,
                  jitter: Callable[[float], float] | None = backoff.full_jitter):
         self._first, self._cap, self._jitter = first, cap, jitter
         self.failures = 0
@@ -879,6 +879,7 @@ class Reconciler:
         self._dirty: set[str] = set()
         self._full_reasons: dict[str, None] = {}  # why a full reconcile is due (an ordered set)
         self._events_connected = False
+        self._refresh_suspended = False  # Docker is unreachable: this host's records are unvouched
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
@@ -903,6 +904,7 @@ class Reconciler:
             self._events_connected = connected
             if connected:
                 self._full_reasons.setdefault("connected to Docker's event stream")
+                self._refresh_suspended = False
             self._cond.notify()
 
     def wake(self) -> None:
@@ -916,6 +918,10 @@ class Reconciler:
             try:
                 self._step()
             except Unavailable as exc:
+                if isinstance(exc, RegistryUnavailable):
+                    # A request that timed out may still have been applied, and etcd may have been
+                    # wiped or restored meanwhile: what it holds is read again before any write.
+                    self._note_full("etcd failed: re-reading what it holds")
                 self._back_off(str(exc))
             except Exception as exc:  # a bug: log it whole, keep serving
                 log.exception("unexpected error in the reconciler: %s", exc)
@@ -942,7 +948,7 @@ class Reconciler:
     def _step(self) -> None:
         if self.registry.ensure_host_dir():
             self._note_full(f"host directory {self.registry.host_dir} was (re)created")
-        if self._refresh is not None and self._refresh.due():
+        if self._refresh is not None and self._refresh.due() and self._vouch_for_records():
             if not self.registry.refresh():
                 log_event(logging.WARNING, f"host directory {self.registry.host_dir} had expired or "
                           "lost its TTL; re-registering everything", event="host_dir_lost")
@@ -957,6 +963,24 @@ class Reconciler:
         self._recovered()
         if full is None and not dirty:
             self._wait_for_work()
+
+    def _vouch_for_records(self) -> bool:
+        """The TTL is refreshed only while Docker's event stream is connected.
+
+        Without Docker nobody can tell which containers still run (without live-restore they all
+        died with dockerd), so the records are left to expire with the host directory's TTL
+        instead of being kept alive blind. A refresh is due as soon as the stream is back.
+        """
+        with self._cond:
+            connected = self._events_connected
+            suspending = not connected and not self._refresh_suspended
+            if suspending:
+                self._refresh_suspended = True
+        if suspending:
+            log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the TTL of "
+                      f"{self.registry.host_dir}; its records expire within {self.config.ttl} s "
+                      "unless Docker returns", event="refresh_suspended")
+        return connected
 
     def _note_full(self, reason: str) -> None:
         with self._cond:
@@ -983,8 +1007,8 @@ class Reconciler:
             deadlines = []
             if self._events_connected:
                 deadlines.append(self._resync.remaining())
-            if self._refresh is not None:
-                deadlines.append(self._refresh.remaining())
+            if self._refresh is not None and (self._events_connected or not self._refresh_suspended):
+                deadlines.append(self._refresh.remaining())  # see _vouch_for_records
             self._cond.wait(min(deadlines) if deadlines else None)
 
     # -- desired state ---------------------------------------------------------------------
@@ -995,7 +1019,8 @@ class Reconciler:
             inspect = self.engine.inspect(container_id)
         except docker.errors.APIError as exc:
             log_event(logging.WARNING, f"skipping container {container_id[:12]}: inspect failed: "
-                      f"{describe(exc)}", event="skipped", id=container_id[:12])
+                      f"{describe(exc)}; its record is left as it is until the next resync",
+                      event="skipped", id=container_id[:12])
             return UNKNOWN
         if inspect is None:
             return None
@@ -1020,12 +1045,13 @@ class Reconciler:
                   f"ports {entry.ports}", event=verb, container=entry.name,
                   id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
 
-    def _unregister(self, entry: Entry, why: str) -> None:
+    def _unregister(self, entry: Entry, why: str, prune: bool = True) -> None:
         self.registry.delete(entry.key)
         log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
                   f"ports {entry.ports}: {why}", event="removed", container=entry.name,
                   id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
-        self.registry.prune_after_delete(entry.key)
+        if prune:  # a full reconcile prunes every emptied directory itself
+            self.registry.prune_after_delete(entry.key)
 
     def _converge_one(self, container_id: str, want) -> None:
         """Make one container's key right, given what is known to be in etcd."""
@@ -1081,7 +1107,7 @@ class Reconciler:
         unknown = {cid for cid, entry in wanted.items() if entry is UNKNOWN}
         actual = self.registry.read_subtree()
 
-        known = {}
+        previous, known = self.known, {}
         for key, value in actual.leaves.items():  # records already right are left untouched
             entry = desired.get(key)
             if entry is not None and entry.value == value:
@@ -1097,6 +1123,10 @@ class Reconciler:
             self.known[entry.container_id] = entry
 
         def delete(key: str) -> None:
+            entry = previous.get(key_container_id(key))
+            if entry is not None and entry.key == key:  # its removal was pending: say what it was
+                self._unregister(entry, "container stopped or gone", prune=False)
+                return
             self.registry.delete(key)
             log_event(logging.INFO, f"removed stale {describe_record(key, actual.leaves[key])}: "
                       "no such running container", event="removed", key=key)

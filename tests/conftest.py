@@ -1,11 +1,17 @@
 """Session fixtures: one real Docker engine, one real etcd and one image registry for the suite."""
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 
+import etcd
+import invariant
 import pytest
 import testbed
+from testbed import HOST, Registrar
+
+_prefixes = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +42,47 @@ def engine(workdir):
         yield docker_engine
     finally:
         docker_engine.stop()
+
+
+@pytest.fixture
+def docker(engine):
+    engine.remove_all_containers()
+    yield engine
+    engine.remove_all_containers()
+
+
+@pytest.fixture
+def client(etcd_server) -> etcd.Client:
+    return etcd_server.client()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"/it{next(_prefixes)}/registered"
+
+
+@pytest.fixture
+def registrar(workdir, etcd_server, engine, prefix):
+    """start(**settings) runs register.py with this test's prefix; all are killed at teardown."""
+    started: list[Registrar] = []
+
+    def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
+              endpoint: str | None = None, docker_host: str | None = None) -> Registrar:
+        env = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
+               "DOCKER_HOST": docker_host or engine.host,
+               "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
+               "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug"}
+        started.append(Registrar(workdir, env, list(args)).start())
+        return started[-1]
+
+    yield start
+    for process in started:
+        process.kill()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The convergence times the fault tests measured, for the closing note and the README."""
+    if invariant.MEASURED:
+        terminalreporter.section("convergence after each fault (seconds)")
+        for fault, seconds in invariant.MEASURED:
+            terminalreporter.write_line(f"{seconds:7.2f}  {fault}")

@@ -6,7 +6,6 @@ for -p 80 and -P) is read from Docker.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import signal
 import time
@@ -15,13 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 import etcd
 import pytest
 import testbed
-from testbed import BASE_IMAGE, Registrar, read_tree, wait_until
+from testbed import BASE_IMAGE, HOST, Registrar, read_tree, wait_until
 
 pytestmark = pytest.mark.integration
 
-HOST = "10.99.0.1"
 IMAGE = "regtest::busybox:1"
-_prefixes = itertools.count(1)
 
 
 def rec(cid: str, ip: str, public, private, kind: str = "tcp", image: str = IMAGE) -> str:
@@ -31,42 +28,6 @@ def rec(cid: str, ip: str, public, private, kind: str = "tcp", image: str = IMAG
 
 def val(*records: str) -> str:
     return "[" + ",".join(records) + "]"
-
-
-@pytest.fixture
-def docker(engine):
-    engine.remove_all_containers()
-    yield engine
-    engine.remove_all_containers()
-
-
-@pytest.fixture
-def client(etcd_server) -> etcd.Client:
-    return etcd_server.client()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"/it{next(_prefixes)}/registered"
-
-
-@pytest.fixture
-def registrar(workdir, etcd_server, engine, prefix):
-    """start(**settings) runs register.py with this test's prefix; all are killed at teardown."""
-    started: list[Registrar] = []
-
-    def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
-              endpoint: str | None = None, docker_host: str | None = None) -> Registrar:
-        env = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
-               "DOCKER_HOST": docker_host or engine.host,
-               "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
-               "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug"}
-        started.append(Registrar(workdir, env, list(args)).start())
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 def run(engine, *args: str) -> str:

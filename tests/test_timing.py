@@ -58,10 +58,10 @@ def reconciler(cfg: Config, registry=None) -> Reconciler:
     return Reconciler(cfg, registry or FakeRegistry(), FakeEngine(), stop)
 
 
-def test_backoff_schedule_doubles_from_half_a_second_up_to_thirty():
+def test_backoff_schedule_doubles_from_half_a_second_up_to_ten():
     schedule = RetrySchedule(jitter=None)
-    assert [schedule.next_delay() for _ in range(9)] == [0.5, 1, 2, 4, 8, 16, 30, 30, 30]
-    assert schedule.failures == 9
+    assert [schedule.next_delay() for _ in range(7)] == [0.5, 1, 2, 4, 8, 10, 10]
+    assert schedule.failures == 7
     schedule.reset()
     assert (schedule.next_delay(), schedule.failures) == (0.5, 1)
 
@@ -69,7 +69,7 @@ def test_backoff_schedule_doubles_from_half_a_second_up_to_thirty():
 def test_backoff_jitter_stays_within_the_schedule():
     schedule = RetrySchedule()
     delays = [schedule.next_delay() for _ in range(12)]
-    caps = [0.5, 1, 2, 4, 8, 16, 30, 30, 30, 30, 30, 30]
+    caps = [0.5, 1, 2, 4, 8, 10, 10, 10, 10, 10, 10, 10]
     assert all(0 <= delay <= cap for delay, cap in zip(delays, caps))
     assert len(set(delays)) > 1
 
@@ -90,6 +90,7 @@ def test_the_ttl_is_refreshed_every_third_of_the_ttl():
     with freeze_time("2026-11-22 00:00:00") as clock:
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30), registry)
+        worker.set_events_connected(True)
         refreshes = []
         for _ in range(31):
             worker._step()
@@ -97,6 +98,27 @@ def test_the_ttl_is_refreshed_every_third_of_the_ttl():
             clock.tick(1)
     # at t = 10, 20 and 30 s, and never twice for one interval
     assert refreshes == [0] * 10 + [1] * 10 + [2] * 10 + [3]
+
+
+def test_no_refresh_while_docker_is_unreachable_then_one_as_soon_as_it_is_back(caplog):
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = FakeRegistry()
+        worker = reconciler(config(ttl=30), registry)
+        worker.set_events_connected(True)
+        clock.tick(10)
+        worker._step()
+        assert registry.refreshes == 1
+        worker.set_events_connected(False)  # dockerd died: the records can no longer be vouched for
+        for _ in range(60):
+            clock.tick(1)
+            worker._step()
+        assert registry.refreshes == 1  # the host directory expires with its TTL
+        worker.set_events_connected(True)
+        worker._step()
+        assert registry.refreshes == 2  # at once, not at the next interval
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "Docker is unreachable: no longer refreshing the TTL of /registered/10.0.0.1; its records "
+        "expire within 30 s unless Docker returns"]
 
 
 def test_no_refresh_without_ttl():

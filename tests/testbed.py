@@ -33,6 +33,7 @@ REGISTRY = "localhost:5000"
 # Addresses on the namespace's loopback, so that containers can publish on a specific address.
 SPECIFIC_IPV4 = "192.0.2.10"
 SPECIFIC_IPV6 = "fd00::10"
+HOST = "10.99.0.1"  # HOST_IP of the registrars the tests run
 
 
 def docker_cli() -> str:
@@ -214,7 +215,10 @@ class DockerEngine:
         if self.process.poll() is not None:
             raise RuntimeError(f"dockerd exited with {self.process.returncode}; see "
                                f"{self.dir / 'dockerd.log'}")
-        return self.docker("info", check=False, timeout=10).returncode == 0
+        try:
+            return self.docker("info", check=False, timeout=10).returncode == 0
+        except subprocess.TimeoutExpired:  # a dockerd restoring its containers answers late
+            return False
 
     def docker(self, *args: str, check: bool = True, timeout: float = 120,
                input: bytes | None = None) -> subprocess.CompletedProcess:
@@ -265,6 +269,19 @@ class DockerEngine:
 
     def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
         end(self.process, sig, grace=30)
+        # dockerd killed -9 leaves the containerd it supervised behind; the next dockerd would
+        # then wait for that one's socket until it gives up. An operator's restart kills it too.
+        # Its pid file goes too: if nothing reaps the dead containerd (PID 1 of a container may
+        # not), the zombie would look alive to the next dockerd.
+        pidfile = self.dir / "exec" / "containerd" / "containerd.pid"
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            pid = int(pidfile.read_text())
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                wait_until(lambda: not Path(f"/proc/{pid}").exists()
+                           or Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z", 10,
+                           f"containerd {pid} to exit")
+            pidfile.unlink()
 
     def stop(self) -> None:
         end(self.registry, signal.SIGKILL)

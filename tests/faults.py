@@ -1,0 +1,172 @@
+"""Ways to break the real processes: pause, partition, churn, and what a process costs meanwhile."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from testbed import BASE_IMAGE, DockerEngine
+
+
+@contextlib.contextmanager
+def paused(pid: int):
+    """SIGSTOP a process for the duration of the block: it holds its sockets and answers nothing."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+class Pauser:
+    """Pauses a process for `pause` seconds out of every `period`, until stopped."""
+
+    def __init__(self, pid: int, pause: float = 1.0, period: float = 3.0):
+        self.pid, self.pause, self.period = pid, pause, period
+        self.pauses = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period - self.pause):
+            with paused(self.pid):
+                self.pauses += 1
+                time.sleep(self.pause)
+
+    def __enter__(self) -> Pauser:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class Partition:
+    """A TCP proxy on loopback whose link can be cut: while cut, bytes are dropped both ways,
+    as by a network partition (requests time out; nothing is refused)."""
+
+    def __init__(self, target_port: int):
+        self.target_port = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._cut = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                downstream.close()
+                continue
+            with self._lock:
+                self._open |= {downstream, upstream}
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if not self._cut.is_set():  # during a partition, bytes are lost on the way
+                    sink.sendall(data)
+        for end in (source, sink):
+            self._close(end)
+
+    def _close(self, end: socket.socket) -> None:
+        with self._lock:
+            self._open.discard(end)
+        with contextlib.suppress(OSError):
+            end.shutdown(socket.SHUT_RDWR)
+        end.close()
+
+    def cut(self) -> None:
+        self._cut.set()
+
+    def heal(self) -> None:
+        """Restore the link. Connections that lost bytes are broken for good, as they would be
+        after a real partition: they are reset, and new ones go through."""
+        with self._lock:
+            broken = list(self._open)
+        for end in broken:
+            self._close(end)
+        self._cut.clear()
+
+    def close(self) -> None:
+        self._listener.close()
+        self.heal()
+
+
+class Churn:
+    """Starts and kills containers at random from a background thread, until stopped.
+
+    Each container publishes port 80 on a random host port. Errors are counted, not raised: the
+    churn goes on while dockerd restarts. `started` lists every container id it created.
+    """
+
+    def __init__(self, engine: DockerEngine, total: int, keep: int = 10, seed: int = 1,
+                 extra: tuple[str, ...] = ()):
+        self.engine = engine
+        self.total = total  # containers to create, then the churn only kills and stops
+        self.keep = keep  # about how many to keep running
+        self.extra = extra
+        self.random = random.Random(seed)
+        self.started: list[str] = []
+        self.running: list[str] = []
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and len(self.started) < self.total:
+            try:
+                if self.running and (len(self.running) >= self.keep or self.random.random() < 0.35):
+                    victim = self.running.pop(self.random.randrange(len(self.running)))
+                    verb = self.random.choice(("kill", "stop", "rm"))
+                    args = {"kill": ("kill",), "stop": ("stop", "-t", "0"), "rm": ("rm", "-f")}[verb]
+                    self.engine.docker(*args, victim, timeout=60)
+                else:
+                    cid = self.engine.out("run", "-d", "-p", "80", *self.extra, BASE_IMAGE)
+                    self.started.append(cid)
+                    self.running.append(cid)
+            except Exception:
+                self.errors += 1
+                self._stop.wait(0.2)
+
+    def start(self) -> Churn:
+        self._thread.start()
+        return self
+
+    def wait(self, timeout: float = 300) -> None:
+        self._thread.join(timeout)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for process {pid}")

@@ -1,0 +1,187 @@
+"""The registry invariant, checked against the truth: one checker for every fault test.
+
+After any fault heals, `<prefix>/<HOST_IP>/` holds exactly one correct record per running
+container that publishes a port, and nothing else; the host directory carries its TTL; other
+hosts' subtrees (and other prefixes) are untouched, down to their modifiedIndex.
+
+The truth comes from `docker ps` and `docker inspect` through the docker CLI, and the expected
+records are computed here from the contract in ../shared/DESIGN.md, independently of register.py:
+a test oracle that shares no code with the service it checks.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import time
+
+import etcd
+from testbed import DockerEngine, Registrar, read_tree
+
+# Convergence times measured by the fault tests: (fault, seconds), printed at the end of the
+# session by conftest.py.
+MEASURED: list[tuple[str, float]] = []
+
+
+def record(fault: str, seconds: float) -> None:
+    MEASURED.append((fault, seconds))
+
+
+def image_part(image: str) -> str:
+    if "@" not in image and ":" not in image.rsplit("/", 1)[-1]:
+        image += ":latest"
+    return image.replace("/", "::")
+
+
+def advertised(binding_ip: str, host: str) -> str | None:
+    if not binding_ip:
+        return host
+    address = ipaddress.ip_address(binding_ip)
+    if address.is_loopback:
+        return None
+    return host if address.is_unspecified else str(address)
+
+
+def expected_value(inspect: dict, host: str) -> str | None:
+    """The value the contract wants for one container; None when it wants no key."""
+    state = inspect["State"]
+    if not state["Running"] or state["Restarting"]:
+        return None
+    image = image_part(inspect["Config"]["Image"])
+    found = set()
+    if inspect["HostConfig"]["NetworkMode"] == "host":
+        for port in inspect["Config"].get("ExposedPorts") or {}:
+            number, kind = port.split("/")
+            found.add((int(number), kind, host, int(number)))
+    else:
+        for port, bindings in (inspect["NetworkSettings"]["Ports"] or {}).items():
+            number, kind = port.split("/")
+            for binding in bindings or []:
+                ip = advertised(binding["HostIp"], host)
+                if ip is not None:
+                    found.add((int(number), kind, ip, int(binding["HostPort"])))
+    if not found:
+        return None
+    return json.dumps([{"container": inspect["Id"], "image": image, "ip": ip,
+                        "public_port": str(public), "private_port": str(private), "port_type": kind}
+                       for private, kind, ip, public in sorted(found)], separators=(",", ":"))
+
+
+def running_inspects(engine: DockerEngine) -> list[dict]:
+    ids = engine.out("ps", "-q", "--no-trunc").split()
+    if not ids:
+        return []
+    # a container may vanish between ps and inspect: the others are still printed
+    output = engine.docker("inspect", *ids, check=False).stdout
+    return json.loads(output or b"[]")
+
+
+def expected_registry(engine: DockerEngine, prefix: str, host: str) -> dict[str, str]:
+    """key -> value, exactly what `<prefix>/<host>` must hold for the containers running now."""
+    expected = {}
+    for inspect in running_inspects(engine):
+        value = expected_value(inspect, host)
+        if value is not None:
+            key = f"{prefix}/{host}/{image_part(inspect['Config']['Image'])}/{inspect['Id']}"
+            expected[key] = value
+    return expected
+
+
+def history(client: etcd.Client, key: str, after: int) -> list[tuple[str, str, str | None]]:
+    """Every change below `key` after etcd index `after`: (action, key, value), oldest first."""
+    changes = []
+    last = client.read("/").etcd_index
+    index = after + 1
+    while index <= last:
+        try:
+            event = client.read(key, wait=True, waitIndex=index, recursive=True, timeout=2)
+        except etcd.EtcdWatchTimedOut:
+            break
+        changes.append((event.action, event.key, event.value))
+        index = event.modifiedIndex + 1
+    return changes
+
+
+def diff(expected: dict[str, str], actual: dict[str, str]) -> str:
+    lines = []
+    for key in sorted(expected.keys() | actual.keys()):
+        if key not in actual:
+            lines.append(f"  missing:    {key}\n      want {expected[key]}")
+        elif key not in expected:
+            lines.append(f"  unexpected: {key}\n      have {actual[key]}")
+        elif actual[key] != expected[key]:
+            lines.append(f"  wrong:      {key}\n      want {expected[key]}\n      have {actual[key]}")
+    return "\n".join(lines)
+
+
+class Invariant:
+    """Checks the invariant for one registrar's host; seeds neighbours whose keys must not move."""
+
+    def __init__(self, engine: DockerEngine, client: etcd.Client, prefix: str, host: str,
+                 ttl: bool = True):
+        self.engine = engine
+        self.client = client
+        self.prefix = prefix
+        self.host = host
+        self.ttl = ttl
+        self.host_dir = f"{prefix}/{host}"
+        self.neighbours: dict[str, tuple[str, int]] = {}
+        self.seed_neighbours()
+
+    def seed_neighbours(self) -> None:
+        """Other hosts' records (one whose address starts with this host's) and another prefix."""
+        neighbour_hosts = (f"{self.host}1", "10.250.0.9")
+        values = {f"{self.prefix}/{other}/neighbour::app:1/{'a' * 64}":
+                  f'[{{"container":"{"a" * 64}","ip":"{other}"}}]' for other in neighbour_hosts}
+        values[f"{self.prefix}-other/{self.host}/neighbour::app:1/{'b' * 64}"] = "[]"
+        self.neighbours = {key: (value, self.client.write(key, value).modifiedIndex)
+                           for key, value in values.items()}
+
+    def violations(self) -> str:
+        """'' when the invariant holds; otherwise what is wrong, as a readable diff."""
+        expected = expected_registry(self.engine, self.prefix, self.host)
+        actual = read_tree(self.client, self.host_dir)
+        problems = [diff(expected, actual)] if expected != actual else []
+        if self.ttl:
+            try:
+                if self.client.read(self.host_dir).ttl is None:
+                    problems.append(f"  {self.host_dir} has no TTL")
+            except etcd.EtcdKeyNotFound:
+                problems.append(f"  {self.host_dir} is missing")
+        return "\n".join(problems + self.neighbour_changes())
+
+    def neighbour_changes(self) -> list[str]:
+        changes = []
+        for key, (value, index) in self.neighbours.items():
+            try:
+                node = self.client.read(key)
+                if (node.value, node.modifiedIndex) != (value, index):
+                    changes.append(f"  neighbour {key} changed: {node.value} at {node.modifiedIndex}")
+            except etcd.EtcdKeyNotFound:
+                changes.append(f"  neighbour {key} was deleted")
+        return changes
+
+    def wait(self, timeout: float, registrar: Registrar | None = None, *, since: float | None = None,
+             fault: str | None = None) -> float:
+        """Poll until the invariant holds; return the seconds since `since` (default: now).
+
+        On timeout, fail with the difference and the end of register.py's log. With `fault`, the
+        time is recorded in MEASURED for the session's summary.
+        """
+        start = time.monotonic() if since is None else since
+        deadline = time.monotonic() + timeout
+        while True:
+            problems = self.violations()
+            if not problems:
+                elapsed = time.monotonic() - start
+                if fault:
+                    record(fault, elapsed)
+                return elapsed
+            if time.monotonic() > deadline:
+                log = registrar.log[-6000:] if registrar else ""
+                raise AssertionError(f"the registry did not converge in {timeout} s:\n{problems}\n"
+                                     f"register.py log (end):\n{log}")
+            time.sleep(0.1)
+
+    def holds(self) -> None:
+        problems = self.violations()
+        assert not problems, f"the invariant does not hold:\n{problems}"
