@@ -876,7 +876,9 @@ class Reconciler:
         self.engine = engine
         self.stop = stop
         self._cond = threading.Condition()
-        self._dirty: set[str] = set()
+        # container id -> whether its latest event said it stopped (die, destroy): a dict, so
+        # bursts coalesce per container and memory stays bounded
+        self._dirty: dict[str, bool] = {}
         self._full_reasons: dict[str, None] = {}  # why a full reconcile is due (an ordered set)
         self._events_connected = False
         self._refresh_suspended = False  # Docker is unreachable: this host's records are unvouched
@@ -890,13 +892,15 @@ class Reconciler:
 
     # -- inputs from other threads -----------------------------------------------------------
 
-    def mark_dirty(self, container_id: str) -> None:
+    def mark_dirty(self, container_id: str, stopped: bool = False) -> None:
+        """A container to look at; `stopped` when its latest event says it is no longer running."""
         with self._cond:
-            if len(self._dirty) >= self.MAX_DIRTY:
+            if len(self._dirty) >= self.MAX_DIRTY and container_id not in self._dirty:
                 self._dirty.clear()
                 self._full_reasons.setdefault(f"more than {self.MAX_DIRTY} containers pending")
             else:
-                self._dirty.add(container_id)
+                self._dirty.pop(container_id, None)  # keep the order of the latest events
+                self._dirty[container_id] = stopped
             self._cond.notify()
 
     def set_events_connected(self, connected: bool) -> None:
@@ -990,14 +994,14 @@ class Reconciler:
         """(reasons for a full reconcile or None, dirty ids); Docker work only while connected."""
         with self._cond:
             if not self._events_connected:
-                return None, set()
+                return None, {}
             if self._resync.due():
                 self._full_reasons.setdefault("periodic resync")
             if self._full_reasons:
                 reasons, self._full_reasons = list(self._full_reasons), {}
                 self._dirty.clear()  # the full reconcile looks at every container anyway
-                return reasons, set()
-            dirty, self._dirty = self._dirty, set()
+                return reasons, {}
+            dirty, self._dirty = self._dirty, {}
             return None, dirty
 
     def _wait_for_work(self) -> None:
@@ -1013,8 +1017,15 @@ class Reconciler:
 
     # -- desired state ---------------------------------------------------------------------
 
-    def _desired(self, container_id: str):
-        """Entry, None (no record wanted) or UNKNOWN (Docker could not tell this time)."""
+    def _desired(self, container_id: str, stopped: bool = False):
+        """Entry, None (no record wanted) or UNKNOWN (Docker could not tell this time).
+
+        A container whose latest event says it stopped wants no record, and is not inspected:
+        Docker answers an inspect only once it has torn the container's network down (about
+        0.1 s), and the record must go at once. A start event after it would say otherwise.
+        """
+        if stopped:
+            return None
         try:
             inspect = self.engine.inspect(container_id)
         except docker.errors.APIError as exc:
@@ -1032,9 +1043,10 @@ class Reconciler:
                       container=container_name(inspect), id=container_id[:12], cause=str(exc))
             return None
 
-    def _desired_all(self, container_ids: Iterable[str]) -> dict:
+    def _desired_all(self, container_ids: Iterable[str], stopped: Iterable[bool] = ()) -> dict:
         ids = list(container_ids)
-        return dict(zip(ids, self._pool.map(self._desired, ids)))
+        flags = list(stopped) or [False] * len(ids)
+        return dict(zip(ids, self._pool.map(self._desired, ids, flags)))
 
     # -- applying --------------------------------------------------------------------------
 
@@ -1067,10 +1079,10 @@ class Reconciler:
             if want is None:
                 self.known.pop(container_id, None)
 
-    def _sync(self, dirty: set[str]) -> None:
+    def _sync(self, dirty: dict[str, bool]) -> None:
         """Bring the dirty containers' keys in line; on failure they all stay dirty."""
         try:
-            wanted = self._desired_all(dirty)
+            wanted = self._desired_all(dirty, dirty.values())
             failures = []
 
             def converge(item):
@@ -1084,12 +1096,13 @@ class Reconciler:
             self._requeue(dirty)
             raise
         if failures:
-            self._requeue(cid for cid, _ in failures)
+            self._requeue({cid: dirty[cid] for cid, _ in failures})
             raise failures[0][1]
 
-    def _requeue(self, container_ids: Iterable[str]) -> None:
+    def _requeue(self, dirty: dict[str, bool]) -> None:
         with self._cond:
-            self._dirty.update(container_ids)
+            for container_id, stopped in dirty.items():
+                self._dirty.setdefault(container_id, stopped)  # a newer event knows better
 
     def _full_reconcile(self, reasons: list[str]) -> None:
         try:
@@ -1194,8 +1207,9 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
             for event in stream:
                 since = since_from(event) or since
                 container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
-                if event.get("Action", event.get("status")) in WATCHED_ACTIONS and container_id:
-                    reconciler.mark_dirty(container_id)
+                action = event.get("Action", event.get("status"))
+                if action in WATCHED_ACTIONS and container_id:
+                    reconciler.mark_dirty(container_id, stopped=action != "start")
         except Exception as exc:  # the connection broke: reconnect
             cause = describe(exc)
         reconciler.set_events_connected(False)

@@ -210,12 +210,20 @@ class FlakyRegistry(FakeRegistry):
             raise register.RegistryUnavailable("etcd at http://127.0.0.1:2379 failed: timed out")
         self.records[key] = value
 
+    def delete(self, key):
+        del self.records[key]
+
+    def prune_after_delete(self, key):
+        pass
+
 
 class OneContainerEngine(FakeEngine):
     def __init__(self, inspect):
         self.data = inspect
+        self.inspects = 0
 
     def inspect(self, container_id):
+        self.inspects += 1
         return self.data if container_id == self.data["Id"] else None
 
 
@@ -231,10 +239,32 @@ def test_a_failed_put_leaves_the_container_dirty_until_it_succeeds():
     for _ in range(3):
         with pytest.raises(register.RegistryUnavailable):
             worker._step()
-        assert worker._dirty == {inspect["Id"]} and worker.known == {}
+        assert worker._dirty == {inspect["Id"]: False} and worker.known == {}
     registry.failing = False
     worker._step()
-    assert worker._dirty == set()
+    assert worker._dirty == {}
     key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
     assert list(registry.records) == [key]
     assert worker.known[inspect["Id"]].key == key
+
+
+def test_a_container_that_stopped_goes_without_an_inspect_unless_it_started_again():
+    fixture = Path(__file__).parent / "fixtures" / "inspect" / "wildcard_tcp_udp.json"
+    inspect = json.loads(fixture.read_text())["inspect"]
+    registry, engine = FlakyRegistry(), OneContainerEngine(inspect)
+    registry.failing = False
+    stop = threading.Event()
+    stop.set()
+    worker = Reconciler(config(ttl=0), registry, engine, stop)
+    worker._events_connected = True
+    key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
+    worker.mark_dirty(inspect["Id"])  # start
+    worker._step()
+    assert (list(registry.records), engine.inspects) == ([key], 1)
+    worker.mark_dirty(inspect["Id"], stopped=True)  # die: Docker would make an inspect wait
+    worker._step()
+    assert (registry.records, engine.inspects, worker.known) == ({}, 1, {})
+    worker.mark_dirty(inspect["Id"], stopped=True)  # docker restart: die, then start, coalesced
+    worker.mark_dirty(inspect["Id"])
+    worker._step()
+    assert (list(registry.records), engine.inspects) == ([key], 2)
