@@ -513,6 +513,36 @@ def desired_entry(inspect: Mapping, host_ip: str, prefix: str) -> Entry | None:
                  f"{prefix}/{host_ip}/{image_part}/{container_id}", value, ports_summary(records))
 
 
+def inspect_from_summary(summary: Mapping) -> dict | None:
+    """What the records need of `docker inspect`, from one entry of Docker's container list.
+
+    One list request describes every container, where inspecting takes one request each (the
+    bulk of a full reconcile). None when the list cannot tell: in host network mode the records
+    come from the exposed ports, which the list does not show; and when the list shows the image
+    id, the container's reference may have been a tag that moved since (Config.Image keeps it).
+    """
+    try:
+        image, state, mode = summary["Image"], summary["State"], summary["HostConfig"]["NetworkMode"]
+        if mode == "host" or not isinstance(image, str) or image == summary.get("ImageID") \
+                or not isinstance(state, str):
+            return None
+        ports: dict[str, list | None] = {}
+        for port in summary.get("Ports") or []:
+            name = f"{int(port['PrivatePort'])}/{port['Type']}"
+            if "PublicPort" not in port:  # exposed, not published
+                ports.setdefault(name, None)
+                continue
+            bindings = ports.get(name) or []
+            bindings.append({"HostIp": port.get("IP", ""), "HostPort": str(int(port["PublicPort"]))})
+            ports[name] = bindings
+        return {"Id": summary["Id"], "Name": (summary.get("Names") or [""])[0],
+                "State": {"Running": state in ("running", "paused"), "Restarting": state == "restarting"},
+                "Config": {"Image": image}, "HostConfig": {"NetworkMode": mode},
+                "NetworkSettings": {"Ports": ports}}
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        return None  # odd list data: inspecting the container will tell
+
+
 def ports_summary(records: Iterable[tuple]) -> str:
     """(private, type, ip, public) records as log text: 80/tcp=10.0.0.1:49153,53/udp=[fd00::1]:53"""
     return ",".join(f"{private}/{kind}=" + (f"[{ip}]:{public}" if ":" in ip else f"{ip}:{public}")
@@ -816,9 +846,10 @@ class DockerEngine:
     def _unavailable(self, exc: BaseException) -> EngineUnavailable:
         return EngineUnavailable(f"Docker at {self.address} failed: {describe(exc)}")
 
-    def running_ids(self) -> list[str]:
+    def running(self) -> list[dict]:
+        """The container list (running and paused ones): one request for all of them."""
         try:
-            return [c["Id"] for c in self._client().containers(quiet=True)]
+            return self._client().containers()
         except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
             raise self._unavailable(exc) from exc
 
@@ -1017,24 +1048,27 @@ class Reconciler:
 
     # -- desired state ---------------------------------------------------------------------
 
-    def _desired(self, container_id: str, stopped: bool = False):
+    def _desired(self, container_id: str, stopped: bool = False, listed: dict | None = None):
         """Entry, None (no record wanted) or UNKNOWN (Docker could not tell this time).
 
         A container whose latest event says it stopped wants no record, and is not inspected:
         Docker answers an inspect only once it has torn the container's network down (about
         0.1 s), and the record must go at once. A start event after it would say otherwise.
+        `listed` is what the container list told (inspect_from_summary), when it could.
         """
         if stopped:
             return None
-        try:
-            inspect = self.engine.inspect(container_id)
-        except docker.errors.APIError as exc:
-            log_event(logging.WARNING, f"skipping container {container_id[:12]}: inspect failed: "
-                      f"{describe(exc)}; its record is left as it is until the next resync",
-                      event="skipped", id=container_id[:12])
-            return UNKNOWN
+        inspect = listed
         if inspect is None:
-            return None
+            try:
+                inspect = self.engine.inspect(container_id)
+            except docker.errors.APIError as exc:
+                log_event(logging.WARNING, f"skipping container {container_id[:12]}: inspect failed: "
+                          f"{describe(exc)}; its record is left as it is until the next resync",
+                          event="skipped", id=container_id[:12])
+                return UNKNOWN
+            if inspect is None:
+                return None
         try:
             return desired_entry(inspect, self.config.host_ip, self.config.prefix)
         except RecordError as exc:
@@ -1043,10 +1077,12 @@ class Reconciler:
                       container=container_name(inspect), id=container_id[:12], cause=str(exc))
             return None
 
-    def _desired_all(self, container_ids: Iterable[str], stopped: Iterable[bool] = ()) -> dict:
+    def _desired_all(self, container_ids: Iterable[str], stopped: Iterable[bool] = (),
+                     listed: Iterable[dict | None] = ()) -> dict:
         ids = list(container_ids)
         flags = list(stopped) or [False] * len(ids)
-        return dict(zip(ids, self._pool.map(self._desired, ids, flags)))
+        known = list(listed) or [None] * len(ids)
+        return dict(zip(ids, self._pool.map(self._desired, ids, flags, known)))
 
     # -- applying --------------------------------------------------------------------------
 
@@ -1115,7 +1151,9 @@ class Reconciler:
 
     def _full_reconcile_once(self, reasons: list[str]) -> None:
         started = time.monotonic()
-        wanted = self._desired_all(self.engine.running_ids())
+        summaries = self.engine.running()
+        wanted = self._desired_all([c["Id"] for c in summaries], (),
+                                   [inspect_from_summary(c) for c in summaries])
         desired = {entry.key: entry for entry in wanted.values() if isinstance(entry, Entry)}
         unknown = {cid for cid, entry in wanted.items() if entry is UNKNOWN}
         actual = self.registry.read_subtree()

@@ -2,14 +2,20 @@
 from __future__ import annotations
 
 import contextlib
+import http.server
+import json
 import os
 import random
+import re
 import signal
 import socket
+import socketserver
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import docker
 from testbed import BASE_IMAGE, DockerEngine
 
 
@@ -170,3 +176,58 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+class OddDocker:
+    """Docker's API on a unix socket of its own, forwarded to the real engine, except that the
+    inspect data of chosen containers is rewritten: how an older or buggy engine might report
+    them (an engine with odd data cannot be had here otherwise)."""
+
+    def __init__(self, engine: DockerEngine, path: Path, rewrite: Callable[[dict], None]):
+        api = docker.APIClient(base_url=engine.host, version="auto")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                upstream = api.get(f"http+docker://localhost{self.path}", stream=True, timeout=None)
+                if re.fullmatch(r"(/v[0-9.]+)?/containers/[0-9a-f]+/json", self.path.split("?")[0]) \
+                        and upstream.status_code == 200:
+                    data = upstream.json()
+                    rewrite(data)
+                    self._send(upstream.status_code, json.dumps(data).encode())
+                elif "/events" in self.path:
+                    self.send_response(upstream.status_code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    with contextlib.suppress(OSError):
+                        for chunk in upstream.raw.read_chunked(decode_content=False):
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                            self.wfile.flush()
+                else:
+                    self._send(upstream.status_code, upstream.content,
+                               upstream.headers.get("Content-Type", "application/json"))
+
+            def _send(self, status: int, body: bytes, kind: str = "application/json") -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.path = path
+        self._server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.path}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

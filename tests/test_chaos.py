@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import docker as docker_sdk
 import etcd
 import pytest
-from faults import Churn, Partition, Pauser, paused, rss_kib, threads
+from faults import Churn, OddDocker, Partition, Pauser, paused, rss_kib, threads
 from invariant import Invariant, expected_registry, history, record
 from testbed import BASE_IMAGE, HOST, EtcdServer, Registrar, end, read_tree, wait_until
 
@@ -419,3 +419,32 @@ def test_bad_neighbours_are_handled_and_the_others_registered(docker, client, re
     long_key = f"{check.host_dir}/example.org:5000::{'::'.join(['x' * 50] * 4)}:{'t' * 79}/{long_image}"
     assert [entry["image"] for entry in json.loads(tree[long_key])] == [long_name.replace("/", "::")]
     assert_log_is_clean(r)
+
+
+def test_bindings_docker_reports_oddly_are_handled_and_the_others_registered(
+        docker, client, registrar, prefix, workdir):
+    empty_ip = start(docker, "--name", "odd-empty-ip", "-p", "80")
+    no_port = start(docker, "--name", "odd-no-port", "-p", "80")
+    fine = start(docker, "--name", "fine", "-p", "80")
+
+    def rewrite(inspect: dict) -> None:  # as an older or buggy engine might report them
+        ports = inspect["NetworkSettings"]["Ports"]
+        if inspect["Name"] == "/odd-empty-ip":  # an empty HostIp: taken as every address
+            ports["80/tcp"] = [{"HostIp": "", "HostPort": ports["80/tcp"][0]["HostPort"]}]
+        elif inspect["Name"] == "/odd-no-port":
+            ports["80/tcp"] = [{"HostIp": "0.0.0.0"}]
+
+    odd = OddDocker(docker, workdir / f"odd{next(_names)}.sock", rewrite)
+    try:
+        r = registrar(docker_host=odd.host)
+        check = Invariant(docker, client, prefix, HOST)
+        expected = expected_registry(docker, prefix, HOST)
+        del expected[f"{check.host_dir}/regtest::busybox:1/{no_port}"]
+        assert sorted(key.rsplit("/", 1)[1] for key in expected) == sorted([empty_ip, fine])
+        wait_until(lambda: read_tree(client, check.host_dir) == expected, 30, "the two good records")
+        r.wait_for_log(f"container odd-no-port ({no_port[:12]}) treated as publishing nothing: host port "
+                       "of 80/tcp None is not a port number")
+        assert check.neighbour_changes() == []
+        assert_log_is_clean(r)
+    finally:
+        odd.close()

@@ -11,10 +11,13 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import docker as docker_sdk
 import etcd
 import pytest
 import testbed
 from testbed import BASE_IMAGE, HOST, Registrar, read_tree, wait_until
+
+import register
 
 pytestmark = pytest.mark.integration
 
@@ -128,6 +131,46 @@ def test_image_names(docker, client, registrar, prefix):
             rec(cid, HOST, 8200 + number, 80, image=image_part))
     assert digest_reference.startswith(f"{testbed.REGISTRY}/team/app@sha256:")
     converge(client, f"{prefix}/{HOST}", expected, registrar())
+
+
+def test_records_from_the_container_list_equal_those_from_inspect(docker):
+    """A full reconcile builds records from one list request; they must be the inspect's, exactly."""
+    docker.docker("tag", BASE_IMAGE, "example.org:5000/team/app:1.2")
+    docker.docker("tag", BASE_IMAGE, f"{testbed.REGISTRY}/a/b/app")
+    docker.docker("tag", BASE_IMAGE, f"{testbed.REGISTRY}/team/app:1.2")
+    docker.docker("tag", BASE_IMAGE, "regtest/moved:1")
+    digest_reference = docker.push(f"{testbed.REGISTRY}/team/app:1.2")
+    image_id = docker.out("image", "inspect", "--format", "{{.Id}}", BASE_IMAGE)
+    from_list = [
+        run(docker, "-p", "80", "-p", "53/udp", BASE_IMAGE),
+        run(docker, "-p", "8443:443", "-p", "8180:80", "-p", "8181:80", "-p", "5353:53/udp", BASE_IMAGE),
+        run(docker, "-p", f"{testbed.SPECIFIC_IPV4}:8080:80", "-p", "127.0.0.1:8081:80",
+            "-p", "[::1]:8082:80", "-p", f"[{testbed.SPECIFIC_IPV6}]:8083:80", BASE_IMAGE),
+        run(docker, "-p", "127.0.0.1:8084:80", BASE_IMAGE),
+        run(docker, "-P", "--expose", "9090", "--expose", "7070/udp", BASE_IMAGE),
+        run(docker, BASE_IMAGE),
+        run(docker, "-p", "80", "example.org:5000/team/app:1.2"),
+        run(docker, "-p", "80", f"{testbed.REGISTRY}/a/b/app"),
+        run(docker, "-p", "80", digest_reference),
+        run(docker, "-p", "80", image_id.split(":", 1)[1][:12]),
+    ]
+    paused = run(docker, "-p", "80", BASE_IMAGE)
+    docker.docker("pause", paused)
+    from_list.append(paused)
+    moved = run(docker, "-p", "80", "regtest/moved:1")
+    docker.docker("commit", from_list[0], "regtest/moved:1")  # the tag now names another image
+    host_mode = run(docker, "--network", "host", "--expose", "8090", BASE_IMAGE, "httpd", "-f", "-p", "8098")
+    inspected = [run(docker, "-p", "80", image_id), moved, host_mode]
+    api = docker_sdk.APIClient(base_url=docker.host, version="auto")
+    summaries = {summary["Id"]: summary for summary in api.containers()}
+    assert summaries.keys() == set(from_list + inspected)
+    for cid in from_list:
+        listed = register.inspect_from_summary(summaries[cid])
+        assert listed is not None, summaries[cid]
+        assert register.desired_entry(listed, HOST, "/p") == \
+            register.desired_entry(api.inspect_container(cid), HOST, "/p"), summaries[cid]
+    assert [register.inspect_from_summary(summaries[cid]) for cid in inspected] == [None] * 3
+    assert summaries[moved]["Image"] == summaries[moved]["ImageID"]  # what the list shows for it
 
 
 # -- lifecycle --------------------------------------------------------------------------------

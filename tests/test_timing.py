@@ -48,7 +48,7 @@ class FakeRegistry:
 
 
 class FakeEngine:
-    def running_ids(self):
+    def running(self):
         return []
 
 
