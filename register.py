@@ -705,32 +705,37 @@ class EtcdRegistry:
         return repaired
 
     def _ensure_ttl_dir(self) -> bool:
-        try:
-            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=False))
-            return True
-        except etcd.EtcdAlreadyExist:
-            pass
-        node = self._call(lambda c: c.read(self.host_dir))
-        if not node.dir:  # a value sits where the directory belongs: it is ours to replace
-            self._call(lambda c: c.delete(self.host_dir))
-            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=False))
-            return True
-        if node.ttl is None:  # re-created by a child write, or left by a run with REGISTER_TTL=0
-            self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=True))
-            return True
-        return False
+        for _ in range(3):  # the directory may expire, or an operator act, between two requests
+            try:
+                self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=False))
+                return True
+            except etcd.EtcdAlreadyExist:
+                pass
+            try:
+                node = self._call(lambda c: c.read(self.host_dir))
+                if not node.dir:  # a value sits where the directory belongs: it is ours to replace
+                    self._call(lambda c: c.delete(self.host_dir))
+                    continue
+                if node.ttl is None:  # re-created by a child write, or left by a run with TTL 0
+                    self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl,
+                                                 prevExist=True))
+                    return True
+                return False
+            except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
+                continue
+        raise RegistryUnavailable(f"etcd: could not create {self.host_dir}: it kept changing under it")
 
     def _ensure_no_ttl(self) -> bool:
         """REGISTER_TTL=0: the directory comes with the first record and goes with the last; a TTL
         left by an earlier run with one must not expire the records now."""
         try:
             node = self._call(lambda c: c.read(self.host_dir))
-        except etcd.EtcdKeyNotFound:
-            return False
-        if not node.dir:
-            self._call(lambda c: c.delete(self.host_dir))
-        elif node.ttl is not None:
-            self._call(lambda c: c.write(self.host_dir, None, dir=True, prevExist=True))
+            if not node.dir:
+                self._call(lambda c: c.delete(self.host_dir))
+            elif node.ttl is not None:
+                self._call(lambda c: c.write(self.host_dir, None, dir=True, prevExist=True))
+        except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
+            pass  # gone meanwhile: the first record creates it, without a TTL
         return False
 
     def refresh(self) -> bool:

@@ -389,10 +389,11 @@ class Benchmark:
         import matplotlib.pyplot as plt
         figure, (cdf, sync) = plt.subplots(1, 2, figsize=(12, 4.5))
         for who, style in (("register", "-"), ("floor", ":")):
-            for phase, values in self.raw["latency"].get(who, {}).items():
-                ordered = sorted(values)
+            for number, (phase, values) in enumerate(self.raw["latency"].get(who, {}).items()):
+                ordered = sorted(values)  # one colour per phase: solid register.py, dotted floor
+                name = "register.py" if who == "register" else "floor"
                 cdf.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))], style,
-                         label=f"{'register.py' if who == 'register' else 'floor'}: {phase}")
+                         color=f"C{number}", label=f"{name}: {phase}")
         cdf.set_xscale("log")
         cdf.set_xlabel("Docker event to etcd watch (ms)")
         cdf.set_ylabel("fraction of events")

@@ -423,8 +423,6 @@ def test_bad_neighbours_are_handled_and_the_others_registered(docker, client, re
 
 def test_bindings_docker_reports_oddly_are_handled_and_the_others_registered(
         docker, client, registrar, prefix, workdir):
-    empty_ip = start(docker, "--name", "odd-empty-ip", "-p", "80")
-    no_port = start(docker, "--name", "odd-no-port", "-p", "80")
     fine = start(docker, "--name", "fine", "-p", "80")
 
     def rewrite(inspect: dict) -> None:  # as an older or buggy engine might report them
@@ -437,6 +435,11 @@ def test_bindings_docker_reports_oddly_are_handled_and_the_others_registered(
     odd = OddDocker(docker, workdir / f"odd{next(_names)}.sock", rewrite)
     try:
         r = registrar(docker_host=odd.host)
+        r.wait_for_log("full reconcile")
+        # started now, they are inspected on their start event (a full reconcile reads the list,
+        # which the proxy leaves as Docker reports it)
+        empty_ip = start(docker, "--name", "odd-empty-ip", "-p", "80")
+        no_port = start(docker, "--name", "odd-no-port", "-p", "80")
         check = Invariant(docker, client, prefix, HOST)
         expected = expected_registry(docker, prefix, HOST)
         del expected[f"{check.host_dir}/regtest::busybox:1/{no_port}"]
