@@ -897,9 +897,10 @@ UNKNOWN = object()  # a container Docker failed to describe this time: leave its
 class Reconciler:
     """Keeps the host subtree equal to the running containers.
 
-    A single worker thread does all writing. Events only mark containers dirty (a set, so bursts
-    coalesce per container and memory stays bounded); a full reconcile runs on start, on every
-    reconnect to Docker, when the host directory was lost, and every `resync` seconds.
+    A single worker thread does all writing. Events only mark containers dirty (one entry per
+    container, so bursts coalesce and memory stays bounded); a full reconcile runs on start, on
+    every reconnect to Docker, when the host directory was lost, after an etcd failure, and every
+    `resync` seconds.
     """
 
     MAX_DIRTY = 10_000  # beyond this, one full reconcile is cheaper than tracking each container
@@ -997,7 +998,7 @@ class Reconciler:
             self._refresh.restart()
         full, dirty = self._take_work()
         if full is not None:
-            self._full_reconcile(full)
+            self._full_reconcile(full, dirty)
         elif dirty:
             self._sync(dirty)
         self._recovered()
@@ -1033,11 +1034,10 @@ class Reconciler:
                 return None, {}
             if self._resync.due():
                 self._full_reasons.setdefault("periodic resync")
-            if self._full_reasons:
-                reasons, self._full_reasons = list(self._full_reasons), {}
-                self._dirty.clear()  # the full reconcile looks at every container anyway
-                return reasons, {}
             dirty, self._dirty = self._dirty, {}
+            if self._full_reasons:  # it looks at every container, and at these events
+                reasons, self._full_reasons = list(self._full_reasons), {}
+                return reasons, dirty
             return None, dirty
 
     def _wait_for_work(self) -> None:
@@ -1145,20 +1145,28 @@ class Reconciler:
             for container_id, stopped in dirty.items():
                 self._dirty.setdefault(container_id, stopped)  # a newer event knows better
 
-    def _full_reconcile(self, reasons: list[str]) -> None:
+    def _full_reconcile(self, reasons: list[str], dirty: dict[str, bool]) -> None:
         try:
-            self._full_reconcile_once(reasons)
+            self._full_reconcile_once(reasons, dirty)
         except Exception:
             with self._cond:
                 self._full_reasons.update(dict.fromkeys(reasons))
+            self._requeue(dirty)
             raise
         self._resync.restart()
 
-    def _full_reconcile_once(self, reasons: list[str]) -> None:
+    def _full_reconcile_once(self, reasons: list[str], dirty: dict[str, bool]) -> None:
+        """Every running container against the whole subtree.
+
+        `dirty` are the events taken with it: Docker sends `die` before its container list stops
+        showing the container as running, so the latest event of a container wins over the list;
+        and a container that started but is not listed yet is inspected.
+        """
         started = time.monotonic()
-        summaries = self.engine.running()
-        wanted = self._desired_all([c["Id"] for c in summaries], (),
-                                   [inspect_from_summary(c) for c in summaries])
+        listed = {c["Id"]: inspect_from_summary(c) for c in self.engine.running()}
+        ids = [*listed, *(cid for cid, stopped in dirty.items() if cid not in listed and not stopped)]
+        wanted = self._desired_all(ids, [dirty.get(cid, False) for cid in ids],
+                                   [listed.get(cid) for cid in ids])
         desired = {entry.key: entry for entry in wanted.values() if isinstance(entry, Entry)}
         unknown = {cid for cid, entry in wanted.items() if entry is UNKNOWN}
         actual = self.registry.read_subtree()

@@ -268,3 +268,32 @@ def test_a_container_that_stopped_goes_without_an_inspect_unless_it_started_agai
     worker.mark_dirty(inspect["Id"])
     worker._step()
     assert (list(registry.records), engine.inspects) == ([key], 2)
+
+
+class ListingEngine(OneContainerEngine):
+    """Its container list shows the container running, as Docker's does for a moment after `die`."""
+
+    def running(self):
+        return [{"Id": self.data["Id"], "Names": ["/web"], "Image": "regtest/busybox:1",
+                 "ImageID": "sha256:" + "0" * 64, "State": "running", "HostConfig": {"NetworkMode": "bridge"},
+                 "Ports": [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"}]}]
+
+
+def test_a_die_event_wins_over_a_container_list_that_still_shows_the_container_running():
+    fixture = Path(__file__).parent / "fixtures" / "inspect" / "wildcard_tcp_udp.json"
+    inspect = json.loads(fixture.read_text())["inspect"]
+    registry, engine = FlakyRegistry(), ListingEngine(inspect)
+    registry.failing = False
+    stop = threading.Event()
+    stop.set()
+    worker = Reconciler(config(ttl=0), registry, engine, stop)
+    worker.set_events_connected(True)  # a full reconcile is due
+    worker.mark_dirty(inspect["Id"], stopped=True)  # and the container died meanwhile
+    worker._step()
+    assert (registry.records, engine.inspects, worker.full_reconciles) == ({}, 0, 1)
+    worker._note_full("periodic resync")  # once it is listed without a newer event, the list tells
+    worker._step()
+    assert registry.records == {f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}": (
+        f'[{{"container":"{inspect["Id"]}","image":"regtest::busybox:1","ip":"10.0.0.1",'
+        '"public_port":"8080","private_port":"80","port_type":"tcp"}]')}
+    assert engine.inspects == 0
