@@ -42,6 +42,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 import testbed  # noqa: E402
+from faults import rss_kib  # noqa: E402
 from testbed import BASE_IMAGE, DockerEngine, EtcdServer, Registrar, end, wait_until  # noqa: E402
 
 FLOOR = Path(__file__).resolve().parent / "floor.py"
@@ -118,13 +119,6 @@ def percentile(values: list[float], q: float) -> float:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def log_time(log: str, text: str) -> float:
@@ -259,7 +253,7 @@ class Benchmark:
         time.sleep(self.s.idle)
         cpu = cpu_seconds(pid) - cpu
         writes = self.etcd_index() - index
-        rss = rss_mib(pid)
+        rss = rss_kib(pid) / 1024
         self.row("RSS at rest", n, rss, None, "MiB", "< 60 MiB", rss < 60)
         self.row(f"CPU over {self.s.idle:g} s idle", n, 100 * cpu / self.s.idle, None, "% of a core", "< 1%",
                  100 * cpu / self.s.idle < 1)

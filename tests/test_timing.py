@@ -52,10 +52,10 @@ class FakeEngine:
         return []
 
 
-def reconciler(cfg: Config, registry=None) -> Reconciler:
+def reconciler(cfg: Config, registry=None, engine=None) -> Reconciler:
     stop = threading.Event()
     stop.set()  # nothing waits: each test drives the steps itself
-    return Reconciler(cfg, registry or FakeRegistry(), FakeEngine(), stop)
+    return Reconciler(cfg, registry or FakeRegistry(), engine or FakeEngine(), stop)
 
 
 def test_backoff_schedule_doubles_from_half_a_second_up_to_ten():
@@ -200,9 +200,9 @@ def test_describe_gives_the_root_cause(exception, text):
 class FlakyRegistry(FakeRegistry):
     """Fails every put until told otherwise."""
 
-    def __init__(self):
+    def __init__(self, failing: bool = True):
         super().__init__()
-        self.failing = True
+        self.failing = failing
         self.records = {}
 
     def put(self, key, value):
@@ -227,13 +227,15 @@ class OneContainerEngine(FakeEngine):
         return self.data if container_id == self.data["Id"] else None
 
 
-def test_a_failed_put_leaves_the_container_dirty_until_it_succeeds():
+def wildcard_inspect() -> dict:
     fixture = Path(__file__).parent / "fixtures" / "inspect" / "wildcard_tcp_udp.json"
-    inspect = json.loads(fixture.read_text())["inspect"]
+    return json.loads(fixture.read_text())["inspect"]
+
+
+def test_a_failed_put_leaves_the_container_dirty_until_it_succeeds():
+    inspect = wildcard_inspect()
     registry = FlakyRegistry()
-    stop = threading.Event()
-    stop.set()
-    worker = Reconciler(config(ttl=0), registry, OneContainerEngine(inspect), stop)
+    worker = reconciler(config(ttl=0), registry, OneContainerEngine(inspect))
     worker._events_connected = True  # as if connected, without the full reconcile it would ask for
     worker.mark_dirty(inspect["Id"])
     for _ in range(3):
@@ -249,13 +251,9 @@ def test_a_failed_put_leaves_the_container_dirty_until_it_succeeds():
 
 
 def test_a_container_that_stopped_goes_without_an_inspect_unless_it_started_again():
-    fixture = Path(__file__).parent / "fixtures" / "inspect" / "wildcard_tcp_udp.json"
-    inspect = json.loads(fixture.read_text())["inspect"]
-    registry, engine = FlakyRegistry(), OneContainerEngine(inspect)
-    registry.failing = False
-    stop = threading.Event()
-    stop.set()
-    worker = Reconciler(config(ttl=0), registry, engine, stop)
+    inspect = wildcard_inspect()
+    registry, engine = FlakyRegistry(failing=False), OneContainerEngine(inspect)
+    worker = reconciler(config(ttl=0), registry, engine)
     worker._events_connected = True
     key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
     worker.mark_dirty(inspect["Id"])  # start
@@ -280,13 +278,9 @@ class ListingEngine(OneContainerEngine):
 
 
 def test_a_die_event_wins_over_a_container_list_that_still_shows_the_container_running():
-    fixture = Path(__file__).parent / "fixtures" / "inspect" / "wildcard_tcp_udp.json"
-    inspect = json.loads(fixture.read_text())["inspect"]
-    registry, engine = FlakyRegistry(), ListingEngine(inspect)
-    registry.failing = False
-    stop = threading.Event()
-    stop.set()
-    worker = Reconciler(config(ttl=0), registry, engine, stop)
+    inspect = wildcard_inspect()
+    registry, engine = FlakyRegistry(failing=False), ListingEngine(inspect)
+    worker = reconciler(config(ttl=0), registry, engine)
     worker.set_events_connected(True)  # a full reconcile is due
     worker.mark_dirty(inspect["Id"], stopped=True)  # and the container died meanwhile
     worker._step()
