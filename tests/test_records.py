@@ -235,3 +235,36 @@ def test_describe_record_for_removal_logs():
         f"record of aaaaaaaaaaaa image regtest::busybox:1 ports 80/tcp=[fd00::1]:8080 ({key})"
     for odd in ("x", "[]", "{}", "[1]", '[{"container":"a"}]', "null"):
         assert register.describe_record(key, odd) == f"key {key}"
+
+
+# -- records from the container list (a full reconcile's shortcut) -----------------------------
+
+SUMMARY = {"Id": "a" * 64, "Names": ["/web"], "Image": "regtest/busybox:1", "ImageID": "sha256:" + "b" * 64,
+           "State": "paused", "HostConfig": {"NetworkMode": "bridge"},
+           "Ports": [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"},
+                     {"IP": "::", "PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"},
+                     {"PrivatePort": 9090, "Type": "tcp"}]}
+
+
+def test_a_container_list_entry_gives_what_the_records_need():
+    assert register.inspect_from_summary(SUMMARY) == {
+        "Id": "a" * 64, "Name": "/web", "State": {"Running": True, "Restarting": False},
+        "Config": {"Image": "regtest/busybox:1"}, "HostConfig": {"NetworkMode": "bridge"},
+        "NetworkSettings": {"Ports": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"},
+                                                 {"HostIp": "::", "HostPort": "8080"}],
+                                      "9090/tcp": None}}}
+
+
+@pytest.mark.parametrize("change", [
+    {"HostConfig": {"NetworkMode": "host"}},  # the records come from exposed ports the list omits
+    {"Image": "sha256:" + "b" * 64},  # the list shows the image id: the tag may have moved
+    {"Image": None},
+    {"State": None},
+    {"HostConfig": None},
+    {"Ports": [{"IP": "0.0.0.0", "PrivatePort": "eighty", "PublicPort": 8080, "Type": "tcp"}]},
+    {"Ports": [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": None, "Type": "tcp"}]},
+    {"Ports": ["80/tcp"]},
+], ids=["host-mode", "image-id", "no-image", "no-state", "no-host-config", "odd-private-port",
+        "odd-public-port", "odd-port-entry"])
+def test_a_list_entry_that_cannot_tell_means_an_inspect(change):
+    assert register.inspect_from_summary({**SUMMARY, **change}) is None
