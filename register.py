@@ -919,6 +919,9 @@ class Reconciler:
         self._full_reasons: dict[str, None] = {}  # why a full reconcile is due (an ordered set)
         self._events_connected = False
         self._refresh_suspended = False  # Docker is unreachable: this host's records are unvouched
+        # containers whose latest event said they stopped, while Docker's list may still show them
+        # running (it lags behind the event by the teardown): the list is not trusted for them
+        self._stopped_lately: set[str] = set()
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
@@ -938,6 +941,10 @@ class Reconciler:
             else:
                 self._dirty.pop(container_id, None)  # keep the order of the latest events
                 self._dirty[container_id] = stopped
+            if not stopped:
+                self._stopped_lately.discard(container_id)
+            elif len(self._stopped_lately) < self.MAX_DIRTY:
+                self._stopped_lately.add(container_id)
             self._cond.notify()
 
     def set_events_connected(self, connected: bool) -> None:
@@ -1159,11 +1166,17 @@ class Reconciler:
         """Every running container against the whole subtree.
 
         `dirty` are the events taken with it: Docker sends `die` before its container list stops
-        showing the container as running, so the latest event of a container wins over the list;
-        and a container that started but is not listed yet is inspected.
+        showing the container as running, so the latest event of a container wins over the list,
+        a container that stopped lately is inspected (the inspect waits for the teardown), and a
+        container that started but is not listed yet is inspected too.
         """
         started = time.monotonic()
-        listed = {c["Id"]: inspect_from_summary(c) for c in self.engine.running()}
+        with self._cond:
+            lately = set(self._stopped_lately)
+        listed = {c["Id"]: None if c["Id"] in lately else inspect_from_summary(c)
+                  for c in self.engine.running()}
+        with self._cond:  # those the list no longer shows: it has caught up with their events
+            self._stopped_lately &= listed.keys() | (self._stopped_lately - lately)
         ids = [*listed, *(cid for cid, stopped in dirty.items() if cid not in listed and not stopped)]
         wanted = self._desired_all(ids, [dirty.get(cid, False) for cid in ids],
                                    [listed.get(cid) for cid in ids])

@@ -285,9 +285,28 @@ def test_a_die_event_wins_over_a_container_list_that_still_shows_the_container_r
     worker.mark_dirty(inspect["Id"], stopped=True)  # and the container died meanwhile
     worker._step()
     assert (registry.records, engine.inspects, worker.full_reconciles) == ({}, 0, 1)
-    worker._note_full("periodic resync")  # once it is listed without a newer event, the list tells
+    worker.mark_dirty(inspect["Id"])  # started again: the list is trusted for it again
+    worker._note_full("periodic resync")
     worker._step()
     assert registry.records == {f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}": (
         f'[{{"container":"{inspect["Id"]}","image":"regtest::busybox:1","ip":"10.0.0.1",'
         '"public_port":"8080","private_port":"80","port_type":"tcp"}]')}
     assert engine.inspects == 0
+
+
+def test_a_container_that_stopped_lately_is_inspected_while_the_list_still_shows_it_running():
+    dead = wildcard_inspect()
+    dead["State"] = {**dead["State"], "Running": False, "Status": "exited"}
+    registry, engine = FlakyRegistry(failing=False), ListingEngine(dead)
+    worker = reconciler(config(ttl=0), registry, engine)
+    worker._events_connected = True
+    worker.mark_dirty(dead["Id"], stopped=True)  # die: handled at once, without an inspect
+    worker._step()
+    assert (registry.records, engine.inspects, worker.full_reconciles) == ({}, 0, 0)
+    worker._note_full("periodic resync")  # the list lags behind the event: it shows it running
+    worker._step()
+    assert (registry.records, engine.inspects, worker.full_reconciles) == ({}, 1, 1)
+    engine.running = list  # once the list has caught up, it is trusted again
+    worker._note_full("periodic resync")
+    worker._step()
+    assert worker._stopped_lately == set()
