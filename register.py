@@ -1094,7 +1094,14 @@ class Reconciler:
         ids = list(container_ids)
         flags = list(stopped) or [False] * len(ids)
         known = list(listed) or [None] * len(ids)
-        return dict(zip(ids, self._pool.map(self._desired, ids, flags, known)))
+        return dict(zip(ids, self._map(self._desired, ids, flags, known)))
+
+    def _map(self, function: Callable, *iterables) -> list:
+        """On the I/O pool; one item on this thread, saving two thread hand-offs per event."""
+        items = list(zip(*iterables))
+        if len(items) <= 1:
+            return [function(*item) for item in items]
+        return list(self._pool.map(function, *zip(*items)))
 
     # -- applying --------------------------------------------------------------------------
 
@@ -1139,7 +1146,7 @@ class Reconciler:
                 except Exception as exc:
                     failures.append((item[0], exc))
 
-            list(self._pool.map(converge, wanted.items()))
+            self._map(converge, wanted.items())
         except Exception:  # Docker failed: every one of them stays dirty
             self._requeue(dirty)
             raise
