@@ -182,6 +182,11 @@ class Invariant:
                                      f"register.py log (end):\n{log}")
             time.sleep(0.1)
 
+    def record_indexes(self, container_ids) -> dict[str, int]:
+        """key -> modifiedIndex of these containers' records: unchanged means never rewritten."""
+        return {key: self.client.read(key).modifiedIndex for key in read_tree(self.client, self.host_dir)
+                if key.rsplit("/", 1)[1] in container_ids}
+
     def holds(self) -> None:
         problems = self.violations()
         assert not problems, f"the invariant does not hold:\n{problems}"

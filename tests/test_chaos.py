@@ -109,8 +109,7 @@ def test_etcd_paused_longer_than_the_request_timeout(docker, registrar, prefix, 
     client = own_etcd.client()
     check = Invariant(docker, client, prefix, HOST)
     check.wait(30, r)
-    steady_indexes = {key: client.read(key).modifiedIndex for key in read_tree(client, check.host_dir)
-                      if key.rsplit("/", 1)[1] in steady}
+    steady_indexes = check.record_indexes(steady)
     before = client.read("/").etcd_index
     with paused(own_etcd.process.pid):
         paused_at = time.monotonic()
@@ -126,7 +125,7 @@ def test_etcd_paused_longer_than_the_request_timeout(docker, registrar, prefix, 
     # value. A put that timed out may have been applied when etcd resumed: the full reconcile that
     # follows any etcd failure re-reads the tree, so it is not made twice (unless etcd applied it
     # after that read: then twice, with the same value).
-    assert {key: client.read(key).modifiedIndex for key in steady_indexes} == steady_indexes
+    assert check.record_indexes(steady) == steady_indexes
     changes = history(client, check.host_dir, before)
     final = read_tree(client, check.host_dir)
     assert sorted(key.rsplit("/", 1)[1] for action, key, _ in changes if action == "delete") == \
@@ -256,14 +255,13 @@ def test_register_killed_and_restarted_keeps_unchanged_keys(docker, client, regi
     first = registrar()
     check = Invariant(docker, client, prefix, HOST)
     check.wait(30, first)
-    indexes = {key: client.read(key).modifiedIndex for key in read_tree(client, check.host_dir)
-               if key.rsplit("/", 1)[1] in staying}
+    indexes = check.record_indexes(staying)
     first.kill()
     docker.docker("stop", "-t", "0", leaving)
     arriving = start(docker, "--name", "arriving", "-p", "80")
     second = registrar()
     check.wait(30, second, since=time.monotonic(), fault="register.py killed -9 and restarted")
-    assert {key: client.read(key).modifiedIndex for key in indexes} == indexes  # no flap
+    assert check.record_indexes(staying) == indexes  # no flap
     assert f"registered arriving ({arriving[:12]})" in second.log
     assert f"removed stale record of {leaving[:12]} image regtest::busybox:1" in second.log
     assert "1 written, 1 removed, 3 already right" in second.log
