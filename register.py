@@ -1097,11 +1097,11 @@ class Reconciler:
         return dict(zip(ids, self._map(self._desired, ids, flags, known)))
 
     def _map(self, function: Callable, *iterables) -> list:
-        """On the I/O pool; one item on this thread, saving two thread hand-offs per event."""
-        items = list(zip(*iterables))
-        if len(items) <= 1:
-            return [function(*item) for item in items]
-        return list(self._pool.map(function, *zip(*items)))
+        """On the I/O pool; a single item on this thread, saving the hand-offs for one event."""
+        columns = [list(iterable) for iterable in iterables]
+        if len(columns[0]) <= 1:
+            return list(map(function, *columns))
+        return list(self._pool.map(function, *columns))
 
     # -- applying --------------------------------------------------------------------------
 
@@ -1215,8 +1215,8 @@ class Reconciler:
             log_event(logging.INFO, f"removed stale {describe_record(key, actual.leaves[key])}: "
                       "no such running container", event="removed", key=key)
 
-        list(self._pool.map(put, puts))
-        list(self._pool.map(delete, stale))
+        self._map(put, puts)
+        self._map(delete, stale)
         # Directories holding no wanted record go: image directories left empty, and anything
         # deeper than a record (which no version of this service writes).
         keep = {key.rsplit("/", 1)[0] for key in desired}
