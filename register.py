@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import ipaddress
 import json
 import logging
@@ -40,6 +41,7 @@ import urllib3
 
 VERSION = "1.0.0"
 PROG = "register.py"
+DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
 log = logging.getLogger("register")
 
 
@@ -71,8 +73,17 @@ SETTINGS = (
             "this host's IPv4 or IPv6 address", "10.0.0.1",
             "this host's address, as other hosts reach it; the second level of every key. Required."),
     Setting("REGISTER_PREFIX", "--prefix", "/registered",
-            "an absolute etcd path below the root", "/registered",
-            "the top of the registry tree"),
+            "an absolute etcd path below the root, of letters, digits and . _ : @ - between slashes",
+            "/registered", "the top of the registry tree"),
+    Setting("DOCKER_HOST", "--docker-host", "",
+            "unix:///path/to/docker.sock, tcp://host:port, or ssh://user@host with paramiko installed",
+            "unix:///var/run/docker.sock",
+            f"the Docker engine's address, as for the Docker CLI (default: {DEFAULT_DOCKER_HOST}); "
+            "DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply as for the Docker CLI"),
+    Setting("REGISTER_MAX_RECORD_BYTES", "--max-record-bytes", str(512 * 1024),
+            "a whole number of bytes from 1024 up", str(512 * 1024),
+            "the largest record value written; a container whose record would be larger (thousands "
+            "of published ports) is not registered, with a warning"),
     Setting("REGISTER_TTL", "--ttl", "60",
             "0 (no TTL) or a whole number of seconds from 3 up", "60",
             "seconds the host directory outlives this service; refreshed every TTL/3; 0 turns it off"),
@@ -97,10 +108,16 @@ SETTINGS = (
 SETTING = {s.env: s for s in SETTINGS}
 DEFAULT_ETCD_PORT = 2379
 MIN_TTL = 3
+MIN_RECORD_BYTES = 1024
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
-HOSTNAME_RE = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))*\.?")
-PREFIX_SEGMENT_RE = re.compile(r"[A-Za-z0-9._:@-]+")
+# Host names as DNS and container networks spell them (compose names containers project_etcd_1)
+HOSTNAME_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))*\.?")
+# What an etcd key path may hold here: python-etcd puts keys into URLs as they are, and etcd
+# resolves "." and ".." segments, so anything else could land outside the prefix
+KEY_SEGMENT_RE = re.compile(r"[A-Za-z0-9._:@+-]+")  # + for digest algorithms
+# scheme://credentials@ in a setting's text: never printed
+CREDENTIALS_RE = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*://)?)([^/?#]*)@")
 
 
 @dataclass(frozen=True)
@@ -127,19 +144,39 @@ class Config:
     etcd_ca_file: str | None = None
     etcd_cert_file: str | None = None
     etcd_key_file: str | None = None
+    docker_host: str = DEFAULT_DOCKER_HOST
+    max_record_bytes: int = 512 * 1024
 
     @property
     def host_dir(self) -> str:
         return f"{self.prefix}/{self.host_ip}"
 
 
+def mask_credentials(text: str) -> str:
+    """The text with the user information of an address (`user:secret@`) shown as `***@`."""
+    return ",".join(CREDENTIALS_RE.sub(lambda m: f"{m.group(1)}***@", item) for item in text.split(","))
+
+
 def _problem(setting: Setting, source: str, value: str, problem: str) -> ConfigError:
     example = f"{source}={setting.example}"
-    return ConfigError(f"{source}={value!r} {problem}; expected {setting.expected}, e.g. {example}")
+    return ConfigError(f"{source}={mask_credentials(value)!r} {problem}; expected {setting.expected}, "
+                       f"e.g. {example}")
+
+
+CREDENTIALS_PROBLEM = "carries credentials, which do not belong in an address (they would show in logs)"
+
+
+def _refuse_credentials(text: str, allow_user: bool = False) -> None:
+    """User information in an address: refused, whatever else is wrong with the address."""
+    for item in text.split(","):
+        match = CREDENTIALS_RE.match(item)
+        if match and not (allow_user and ":" not in match.group(2)):
+            raise ValueError(CREDENTIALS_PROBLEM)
 
 
 def _parse_endpoint(item: str) -> Endpoint:
     """One entry of ETCD_ENDPOINT; raises ValueError with what is wrong with it."""
+    _refuse_credentials(item)
     url = item if "://" in item else f"http://{item}"
     try:
         parts = urlsplit(url)
@@ -175,6 +212,7 @@ def _parse_endpoint(item: str) -> Endpoint:
 
 def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
     """Parse ETCD_ENDPOINT; raises ValueError with what is wrong."""
+    _refuse_credentials(text)
     items = [part.strip() for part in text.split(",")]
     if len(items) > 1 and not all(items):
         raise ValueError("has an empty entry in its list")
@@ -190,16 +228,36 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
 
 
 def parse_host_ip(text: str) -> str:
-    """Canonical text of HOST_IP (IPv6 compressed, lower case); raises ValueError with the reason."""
+    """Canonical text of HOST_IP (IPv6 compressed, lower case, IPv4-mapped as IPv4); raises
+    ValueError when it is no address, or one that no other host could reach this host at."""
     if "%" in text:
         raise ValueError("is an address with a zone, which other hosts cannot use")
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
         raise ValueError("is not an IPv4 or IPv6 address") from None
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # one spelling whatever the interpreter (DESIGN.md, keys)
     if address.is_unspecified:
         raise ValueError("is the unspecified address, which names no host")
+    if address.is_multicast:
+        raise ValueError("is a multicast address, which names no single host")
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        raise ValueError("is the broadcast address, which names no single host")
     return str(address)
+
+
+def host_ip_warnings(host_ip: str) -> list[str]:
+    """An address that only this host (loopback) or its link (link-local) can reach: allowed, for
+    a single-host demo, but worth one line in the log."""
+    address = ipaddress.ip_address(host_ip)
+    if address.is_loopback:
+        return [f"HOST_IP {host_ip} is a loopback address: no other host can reach the ports "
+                "registered under it (fine for a single-host demo)"]
+    if address.is_link_local:
+        return [f"HOST_IP {host_ip} is a link-local address: only hosts on the same link can reach "
+                "the ports registered under it"]
+    return []
 
 
 def parse_prefix(text: str) -> str:
@@ -209,9 +267,43 @@ def parse_prefix(text: str) -> str:
     if segments == [""]:
         raise ValueError("is the root, which would mix the registry with everything else")
     for segment in segments:
-        if not PREFIX_SEGMENT_RE.fullmatch(segment):
-            raise ValueError(f"has an empty or unusual path segment {segment!r}")
+        if segment in (".", ".."):
+            raise ValueError(f"has a {segment!r} segment, which etcd would resolve to another path")
+        if not segment:
+            raise ValueError("has an empty path segment")
+        odd = re.sub(r"[A-Za-z0-9._:@-]", "", segment)
+        if odd:
+            raise ValueError(f"has a character, {odd[0]!r}, that does not belong in an etcd key path")
     return "/" + "/".join(segments)
+
+
+def parse_docker_host(text: str) -> str:
+    """DOCKER_HOST as the Docker SDK will take it; raises ValueError when it can never work (a
+    Docker engine that is merely down is waited for instead)."""
+    _refuse_credentials(text, allow_user=text.startswith("ssh://"))
+    if "://" not in text and not re.fullmatch(r"[0-9.]+:[0-9]+|\[[0-9A-Fa-f:.]+\]:[0-9]+", text):
+        raise ValueError("has no scheme")
+    scheme = text.split("://", 1)[0] if "://" in text else "tcp"
+    if scheme == "npipe":
+        raise ValueError("is a Windows named pipe, which this host cannot open")
+    if scheme == "fd":
+        raise ValueError("is systemd's socket activation address, which only dockerd itself can use")
+    if scheme == "ssh" and importlib.util.find_spec("paramiko") is None:
+        raise ValueError("needs the Docker SDK's ssh support (pip install paramiko), which is not "
+                         "installed")
+    if scheme not in ("unix", "tcp", "http", "https", "ssh"):
+        raise ValueError(f"has scheme {scheme!r}, not unix, tcp or ssh")
+    try:
+        docker.utils.parse_host(text)
+    except docker.errors.DockerException as exc:
+        if "port is required" in str(exc):
+            raise ValueError("has no port (Docker listens on 2375, or 2376 with TLS)") from None
+        raise ValueError("is not an address the Docker SDK can use") from None
+    except ValueError as exc:  # urllib's words for a port that is no port
+        if "out of range" in str(exc):
+            raise ValueError("has a port out of range 1-65535") from None
+        raise ValueError("has a port that is not a number") from None
+    return text
 
 
 def parse_seconds(text: str, minimum: int, allow_zero: bool) -> int:
@@ -225,6 +317,14 @@ def parse_seconds(text: str, minimum: int, allow_zero: bool) -> int:
     if value < minimum:
         raise ValueError(f"is below {minimum}")
     return value
+
+
+def parse_bytes(text: str, minimum: int) -> int:
+    if not re.fullmatch(r"[0-9]+", text):
+        raise ValueError("is not a whole number of bytes")
+    if int(text) < minimum:
+        raise ValueError(f"is below {minimum}")
+    return int(text)
 
 
 def parse_file(text: str) -> str:
@@ -245,6 +345,8 @@ PARSERS: Mapping[str, Callable[[str], object]] = {
     "ETCD_ENDPOINT": parse_endpoints,
     "HOST_IP": parse_host_ip,
     "REGISTER_PREFIX": parse_prefix,
+    "DOCKER_HOST": parse_docker_host,
+    "REGISTER_MAX_RECORD_BYTES": lambda text: parse_bytes(text, MIN_RECORD_BYTES),
     "REGISTER_TTL": lambda text: parse_seconds(text, MIN_TTL, allow_zero=True),
     "REGISTER_RESYNC": lambda text: parse_seconds(text, 1, allow_zero=False),
     "ETCD_CA_FILE": parse_file,
@@ -304,13 +406,29 @@ def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
         except ValueError as exc:
             raise _problem(s, source, text, str(exc)) from None
     _check_tls(values)
+    _check_docker_tls(values["DOCKER_HOST"], environ)
     return Config(
         etcd_endpoints=values["ETCD_ENDPOINT"], host_ip=values["HOST_IP"],
         prefix=values["REGISTER_PREFIX"], ttl=values["REGISTER_TTL"],
         resync=values["REGISTER_RESYNC"], log_level=values["LOG_LEVEL"],
         log_format=values["LOG_FORMAT"], deregister_on_exit=args.deregister_on_exit,
         etcd_ca_file=values["ETCD_CA_FILE"], etcd_cert_file=values["ETCD_CERT_FILE"],
-        etcd_key_file=values["ETCD_KEY_FILE"])
+        etcd_key_file=values["ETCD_KEY_FILE"],
+        docker_host=values["DOCKER_HOST"] or DEFAULT_DOCKER_HOST,
+        max_record_bytes=values["REGISTER_MAX_RECORD_BYTES"])
+
+
+def _check_docker_tls(docker_host: str | None, environ: Mapping[str, str]) -> None:
+    """DOCKER_TLS_VERIFY and DOCKER_CERT_PATH name files that must exist: checked once, here."""
+    try:
+        docker.utils.kwargs_from_env(environment={**environ, "DOCKER_HOST": docker_host or ""})
+    except docker.errors.DockerException:
+        path = environ.get("DOCKER_CERT_PATH") or os.path.expanduser("~/.docker")
+        missing = [name for name in ("ca.pem", "cert.pem", "key.pem")
+                   if not os.access(os.path.join(path, name), os.R_OK)]
+        raise ConfigError(f"DOCKER_CERT_PATH={path!r} lacks a readable {', '.join(missing)}, which "
+                          "DOCKER_TLS_VERIFY or DOCKER_CERT_PATH asks for; expected the Docker CLI's TLS "
+                          "files there, e.g. DOCKER_CERT_PATH=/etc/docker/tls") from None
 
 
 def _check_tls(values: Mapping[str, object]) -> None:
@@ -490,10 +608,30 @@ def container_name(inspect: Mapping) -> str:
     return name.lstrip("/") if isinstance(name, str) and name else "?"
 
 
-def desired_entry(inspect: Mapping, host_ip: str, prefix: str) -> Entry | None:
+class RecordTooLarge(RecordError):
+    """The container's record would be larger than REGISTER_MAX_RECORD_BYTES."""
+
+
+# One object of a value without its variable parts: their lengths are added to it
+RECORD_OBJECT_BYTES = len('{"container":"","image":"","ip":"","public_port":"","private_port":"",'
+                          '"port_type":""}')
+
+
+def record_bytes(records: list[tuple[int, str, str, int]], container_id: str, image_part: str) -> int:
+    """The length of the value these records make, computed without making it (every character
+    of a record is plain ASCII, so JSON escapes none)."""
+    fixed = RECORD_OBJECT_BYTES + len(container_id) + len(image_part)
+    return 1 + sum(fixed + 1 + len(ip) + len(str(public)) + len(str(private)) + len(kind)
+                   for private, kind, ip, public in records)
+
+
+def desired_entry(inspect: Mapping, host_ip: str, prefix: str,
+                  max_bytes: int | None = None) -> Entry | None:
     """The key and value a container should have; None when it is not running or publishes nothing.
 
-    Raises RecordError when Docker's data cannot be turned into records.
+    Raises RecordError when Docker's data cannot be turned into records, RecordTooLarge when the
+    value would be over `max_bytes` (checked before the value is made: thousands of ports would
+    cost tens of MB).
     """
     container_id = inspect.get("Id")
     if not isinstance(container_id, str) or not CONTAINER_ID_RE.fullmatch(container_id):
@@ -505,6 +643,11 @@ def desired_entry(inspect: Mapping, host_ip: str, prefix: str) -> Entry | None:
         return None
     image = (inspect.get("Config") or {}).get("Image")
     image_part = image_key(image)
+    if max_bytes is not None:
+        size = record_bytes(records, container_id, image_part)
+        if size > max_bytes:
+            raise RecordTooLarge(f"its record would take {size} bytes for {len(records)} published "
+                                 f"port(s), over REGISTER_MAX_RECORD_BYTES={max_bytes}")
     value = json.dumps([
         {"container": container_id, "image": image_part, "ip": ip, "public_port": str(public),
          "private_port": str(private), "port_type": kind}
@@ -543,10 +686,16 @@ def inspect_from_summary(summary: Mapping) -> dict | None:
         return None  # odd list data: inspecting the container will tell
 
 
+LOGGED_PORTS = 20  # a log line names this many ports at most
+
+
 def ports_summary(records: Iterable[tuple]) -> str:
     """(private, type, ip, public) records as log text: 80/tcp=10.0.0.1:49153,53/udp=[fd00::1]:53"""
-    return ",".join(f"{private}/{kind}=" + (f"[{ip}]:{public}" if ":" in ip else f"{ip}:{public}")
-                    for private, kind, ip, public in records)
+    parts = [f"{private}/{kind}=" + (f"[{ip}]:{public}" if ":" in ip else f"{ip}:{public}")
+             for private, kind, ip, public in records]
+    if len(parts) > LOGGED_PORTS:
+        return ",".join(parts[:LOGGED_PORTS]) + f",... ({len(parts)} ports)"
+    return ",".join(parts)
 
 
 def key_container_id(key: str) -> str:
@@ -623,8 +772,18 @@ class RegistryUnavailable(Unavailable):
     pass
 
 
+class RegistryBlocked(RegistryUnavailable):
+    """Something that is not this registrar's to change stands in its way: an operator must act.
+    Retried with backoff like an outage, so that registration resumes once they have."""
+
+
 class EngineUnavailable(Unavailable):
     pass
+
+
+class RecordRefused(Exception):
+    """etcd answered, and refused this one write (too large, not permitted): the other records
+    are not held back by it, and it is retried on its own."""
 
 
 class Subtree(NamedTuple):
@@ -632,8 +791,46 @@ class Subtree(NamedTuple):
     dirs: set  # every directory below the host directory
 
 
+class HostScope:
+    """This host's part of the keyspace, and the one place that says what may be written.
+
+    Every write, refresh and delete of a registry adapter names its key through `check`, which
+    refuses anything but `<prefix>/<HOST_IP>` itself and clean paths below it: no empty, `.` or
+    `..` segment (etcd resolves them, so `<host dir>/../x` would land outside) and no character
+    that a URL would read otherwise (python-etcd puts keys into URLs as they are).
+    """
+
+    def __init__(self, prefix: str, host_ip: str):
+        self.prefix = prefix
+        self.host_dir = f"{prefix}/{host_ip}"
+        if not self._clean(self.host_dir[1:]):
+            raise OutsideScope(f"{self.host_dir!r} is not a clean etcd path")
+
+    @staticmethod
+    def _clean(path: str) -> bool:
+        return all(KEY_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in path.split("/"))
+
+    def check(self, key: str, host_dir: bool = False) -> str:
+        """`key` itself when it is this host's to change; raises OutsideScope otherwise."""
+        if key == self.host_dir:
+            if host_dir:
+                return key
+        elif key.startswith(self.host_dir + "/") and self._clean(key[len(self.host_dir) + 1:]):
+            return key
+        raise OutsideScope(f"refusing to change {key!r}: outside {self.host_dir}/")
+
+    def ancestors(self, key: str) -> list[str]:
+        """Every directory above `key`, from the top: /a, /a/b, ..."""
+        parts = key.split("/")[1:-1]
+        return ["/" + "/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+class OutsideScope(AssertionError):
+    """A bug: a write outside this host's subtree was attempted, and refused."""
+
+
 class EtcdRegistry:
-    """Reads and writes this host's subtree only; every write is checked to stay inside it."""
+    """Reads and writes this host's subtree only; every write goes through HostScope.check."""
 
     TIMEOUT = 5  # seconds for one request: a stalled etcd must not stall the service
     POOL = 16
@@ -642,7 +839,8 @@ class EtcdRegistry:
         self.endpoints = config.etcd_endpoints
         self._ca_file = config.etcd_ca_file
         self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
-        self.host_dir = config.host_dir
+        self.scope = HostScope(config.prefix, config.host_ip)
+        self.host_dir = self.scope.host_dir
         self.ttl = config.ttl
         self._client: etcd.Client | None = None
         self._current = 0
@@ -673,21 +871,35 @@ class EtcdRegistry:
         client = self._connection()
         try:
             return operation(client)
-        except (etcd.EtcdKeyError, etcd.EtcdValueError):
+        except (etcd.EtcdKeyError, etcd.EtcdCompareFailed, etcd.EtcdDirNotEmpty):
             raise  # the key's state, handled by the caller
-        except (etcd.EtcdException, urllib3.exceptions.HTTPError, OSError) as exc:
-            with self._lock:
-                if self._client is client:  # the first thread to see the failure moves on
-                    self._client = None
-                    self._current += 1
-                self._dir_ready = False  # after any error, ensure the directory before writing
+        except etcd.EtcdException as exc:
+            # etcd answered and refused this request (a value too large: "Invalid POST form : http:
+            # POST too large", HTTP 400): another request may well pass
+            status = exc.payload.get("status") if isinstance(exc.payload, dict) else None
+            if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
+                raise RecordRefused(f"etcd refused it: {describe(exc)} (HTTP {status})") from exc
+            self._failed(client)
+            raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {describe(exc)}") from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            self._failed(client)
             raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {describe(exc)}") from exc
 
-    def _check_inside(self, key: str) -> None:
-        if not key.startswith(self.host_dir + "/"):
-            raise AssertionError(f"refusing to touch {key!r}, outside {self.host_dir}/")
-        if self.closed:
+    def _failed(self, client: etcd.Client) -> None:
+        with self._lock:
+            if self._client is client:  # the first thread to see the failure moves on
+                self._client = None
+                self._current += 1
+            self._dir_ready = False  # after any error, ensure the directory before writing
+
+    def _write(self, key: str, operation: Callable[[etcd.Client, str], object], host_dir: bool = False,
+               final: bool = False):
+        """Every change to etcd goes through here: the key is checked, then the operation runs
+        with exactly that key. Once the service is stopping only the final deregistration runs."""
+        checked = self.scope.check(key, host_dir=host_dir)
+        if self.closed and not final:
             raise RegistryUnavailable("the service is stopping")
+        return self._call(lambda c: operation(c, checked))
 
     # -- the host directory ----------------------------------------------------------------
 
@@ -707,18 +919,23 @@ class EtcdRegistry:
     def _ensure_ttl_dir(self) -> bool:
         for _ in range(3):  # the directory may expire, or an operator act, between two requests
             try:
-                self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl, prevExist=False))
+                self._write(self.host_dir, lambda c, k: c.write(k, None, dir=True, ttl=self.ttl,
+                                                                prevExist=False), host_dir=True)
                 return True
             except etcd.EtcdAlreadyExist:
                 pass
+            except etcd.EtcdNotDir:  # a plain value above it: not ours to delete
+                if self._plain_ancestor(self.host_dir):
+                    raise self._blocked() from None
+                continue
             try:
                 node = self._call(lambda c: c.read(self.host_dir))
-                if not node.dir:  # a value sits where the directory belongs: it is ours to replace
-                    self._call(lambda c: c.delete(self.host_dir))
+                if not node.dir:
+                    self._replace_plain_host_value()
                     continue
                 if node.ttl is None:  # re-created by a child write, or left by a run with TTL 0
-                    self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl,
-                                                 prevExist=True))
+                    self._write(self.host_dir, lambda c, k: c.write(k, None, dir=True, ttl=self.ttl,
+                                                                    prevExist=True), host_dir=True)
                     return True
                 return False
             except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
@@ -731,34 +948,73 @@ class EtcdRegistry:
         try:
             node = self._call(lambda c: c.read(self.host_dir))
             if not node.dir:
-                self._call(lambda c: c.delete(self.host_dir))
-            elif node.ttl is not None:
-                self._call(lambda c: c.write(self.host_dir, None, dir=True, prevExist=True))
-        except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
+                self._replace_plain_host_value()
+                return True
+            if node.ttl is not None:
+                self._write(self.host_dir, lambda c, k: c.write(k, None, dir=True, prevExist=True),
+                            host_dir=True)
+        except etcd.EtcdNotDir:
+            if self._plain_ancestor(self.host_dir):
+                raise self._blocked() from None
+        except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile):
             pass  # gone meanwhile: the first record creates it, without a TTL
         return False
+
+    def _replace_plain_host_value(self) -> None:
+        """A plain value where this host's directory belongs: the key is this host's own."""
+        with contextlib.suppress(etcd.EtcdKeyNotFound):
+            self._write(self.host_dir, lambda c, k: c.delete(k), host_dir=True)
+        self._dir_ready = False
+        log_event(logging.WARNING, f"replaced the plain value at {self.host_dir}, where this host's "
+                  "directory belongs; re-registering everything", event="host_value_replaced",
+                  key=self.host_dir)
+
+    def _plain_ancestor(self, key: str) -> str | None:
+        """The directory above `key` that holds a plain value instead, if any (etcd's "not a
+        directory" says only that one does)."""
+        for ancestor in self.scope.ancestors(key):
+            try:
+                node = self._call(lambda c, a=ancestor: c.read(a))
+            except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
+                return None
+            if not node.dir:
+                return ancestor
+        return None
+
+    def _blocked(self) -> RegistryBlocked:
+        ancestor = self._plain_ancestor(self.host_dir) or self.scope.prefix
+        return RegistryBlocked(
+            f"etcd: {ancestor} holds a plain value, so nothing can be registered under "
+            f"{self.host_dir}/; it is not this registrar's to delete: an operator should remove it "
+            f"(etcdctl rm {ancestor}) or choose another REGISTER_PREFIX")
 
     def refresh(self) -> bool:
         """Extend the host directory's TTL with one write that wakes no watcher.
 
-        Returns False when the directory had gone (expired or wiped) or had lost its TTL (re-created
-        by a child write): the caller must re-register everything.
+        Returns False when the directory had gone (expired or wiped), had lost its TTL (re-created
+        by a child write) or was replaced by a plain value: the caller must re-register everything.
         """
         try:
-            result = self._call(lambda c: c.write(self.host_dir, None, dir=True, ttl=self.ttl,
-                                                  refresh=True, prevExist=True))
+            result = self._write(self.host_dir, lambda c, k: c.write(
+                k, None, dir=True, ttl=self.ttl, refresh=True, prevExist=True), host_dir=True)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
             self._dir_ready = False
             return False
         previous = getattr(result, "_prev_node", None)
-        return previous is not None and previous.ttl is not None
+        if previous is None or previous.ttl is None or not previous.dir:
+            self._dir_ready = False
+            return False
+        return True
 
     # -- records ----------------------------------------------------------------------------
 
     def read_subtree(self) -> Subtree:
         try:
             top = self._call(lambda c: c.read(self.host_dir, recursive=True))
-        except etcd.EtcdKeyNotFound:
+        except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
+            return Subtree({}, set())
+        if not top.dir:  # a plain value in the directory's place: ensure_host_dir replaces it
+            self._dir_ready = False
             return Subtree({}, set())
         leaves, dirs = {}, set()
         for node in top.get_subtree():
@@ -771,34 +1027,36 @@ class EtcdRegistry:
         return Subtree(leaves, dirs)
 
     def put(self, key: str, value: str) -> None:
-        self._check_inside(key)
         for _ in range(3):  # what sits in the way is not a record of this service: it goes
             try:
-                self._call(lambda c: c.write(key, value))
+                self._write(key, lambda c, k: c.write(k, value))
                 return
             except etcd.EtcdNotFile:  # a directory at the record's key
                 self.delete_tree(key)
-            except etcd.EtcdNotDir:  # a value at the image directory's key
-                self.delete(key.rsplit("/", 1)[0])
+            except etcd.EtcdNotDir:  # a plain value above the record
+                ancestor = self._plain_ancestor(key)
+                if ancestor == key.rsplit("/", 1)[0] and ancestor != self.host_dir:
+                    self.delete(ancestor)  # in its image directory's place: this host's key
+                elif ancestor == self.host_dir:
+                    self._replace_plain_host_value()
+                    raise RegistryUnavailable(f"etcd: {self.host_dir} was a plain value") from None
+                elif ancestor is not None:
+                    raise self._blocked() from None
         raise RegistryUnavailable(f"etcd: could not write {key}: the tree kept changing under it")
 
     def delete(self, key: str) -> None:
-        self._check_inside(key)
         # gone, or the tree around it changed: either way that value is not there any more
         with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
-            self._call(lambda c: c.delete(key))
+            self._write(key, lambda c, k: c.delete(k))
 
     def delete_tree(self, key: str) -> None:
-        self._check_inside(key)
         with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
-            self._call(lambda c: c.delete(key, recursive=True, dir=True))
+            self._write(key, lambda c, k: c.delete(k, recursive=True, dir=True))
 
     def prune(self, directory: str) -> None:
         """Remove a directory if it is empty; anything else is fine as it is."""
-        if directory != self.host_dir:
-            self._check_inside(directory)
         try:
-            self._call(lambda c: c.delete(directory, dir=True))
+            self._write(directory, lambda c, k: c.delete(k, dir=True), host_dir=True)
         except (etcd.EtcdKeyNotFound, etcd.EtcdDirNotEmpty, etcd.EtcdNotDir, etcd.EtcdNotFile):
             pass
         except etcd.EtcdException as exc:  # e.g. "Directory not empty" reported with another code
@@ -818,32 +1076,35 @@ class EtcdRegistry:
             self._dir_ready = False
 
     def delete_host_subtree(self) -> None:
-        with contextlib.suppress(etcd.EtcdKeyNotFound):
-            self._call(lambda c: c.delete(self.host_dir, recursive=True, dir=True))
+        with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile):
+            self._write(self.host_dir, lambda c, k: c.delete(k, recursive=True, dir=True),
+                        host_dir=True, final=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Engine: the Docker adapter. It knows containers and events and nothing of etcd.
 # ---------------------------------------------------------------------------------------------
 
-WATCHED_ACTIONS = ("start", "die", "destroy")
+CONTAINER_ACTIONS = ("start", "die", "destroy")
+# A running container's published ports change with its networks, without a start or a die
+NETWORK_ACTIONS = ("connect", "disconnect")
 
 
 class DockerEngine:
     TIMEOUT = 30  # seconds for one request (the event stream has none)
 
-    def __init__(self):
+    def __init__(self, address: str = DEFAULT_DOCKER_HOST):
         self._api: docker.APIClient | None = None
         self._lock = threading.Lock()
         self._stream = None
-        self.address = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+        self.address = address  # validated by the configuration: no credentials, a usable scheme
 
     def _client(self) -> docker.APIClient:
         with self._lock:
             if self._api is None:
                 try:
-                    self._api = docker.APIClient(version="auto", timeout=self.TIMEOUT,
-                                                 **docker.utils.kwargs_from_env())
+                    settings = {**docker.utils.kwargs_from_env(), "base_url": self.address}
+                    self._api = docker.APIClient(version="auto", timeout=self.TIMEOUT, **settings)
                 except docker.errors.DockerException as exc:
                     raise self._unavailable(exc) from exc
             return self._api
@@ -872,7 +1133,8 @@ class DockerEngine:
         try:
             stream = self._client().events(
                 since=since, decode=True,
-                filters={"type": ["container"], "event": list(WATCHED_ACTIONS)})
+                filters={"type": ["container", "network"],
+                         "event": [*CONTAINER_ACTIONS, *NETWORK_ACTIONS]})
         except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
             with self._lock:
                 self._api = None
@@ -892,6 +1154,15 @@ class DockerEngine:
 # ---------------------------------------------------------------------------------------------
 
 UNKNOWN = object()  # a container Docker failed to describe this time: leave its record as it is
+
+
+class Refusal(NamedTuple):
+    schedule: RetrySchedule
+    due: float  # time.monotonic() of the next attempt
+    reason: str
+
+
+REFUSED_RETRY_CAP = 300.0  # seconds: a refused record is retried at least this often
 
 
 class Reconciler:
@@ -929,12 +1200,20 @@ class Reconciler:
         self._failures = RetrySchedule()
         self._down: str | None = None  # what failed last, until it works again
         self.full_reconciles = 0
+        # containers whose record etcd refused: retried alone, with a backoff of their own
+        self._refused: dict[str, Refusal] = {}
+        # the last warning about each container that is not registered (odd data, too large): said
+        # once, not at every resync; forgotten with the container
+        self._warned: dict[str, str] = {}
 
     # -- inputs from other threads -----------------------------------------------------------
 
-    def mark_dirty(self, container_id: str, stopped: bool = False) -> None:
-        """A container to look at; `stopped` when its latest event says it is no longer running."""
+    def mark_dirty(self, container_id: str, stopped: bool | None = False) -> None:
+        """A container to look at; `stopped` when its latest event says it is no longer running,
+        None when the event says nothing of that (a network change): the latest that did holds."""
         with self._cond:
+            if stopped is None:
+                stopped = self._dirty.get(container_id, container_id in self._stopped_lately)
             if len(self._dirty) >= self.MAX_DIRTY and container_id not in self._dirty:
                 self._dirty.clear()
                 self._full_reasons.setdefault(f"more than {self.MAX_DIRTY} containers pending")
@@ -1041,6 +1320,10 @@ class Reconciler:
                 return None, {}
             if self._resync.due():
                 self._full_reasons.setdefault("periodic resync")
+            now = time.monotonic()
+            for container_id, refusal in self._refused.items():
+                if refusal.due <= now:
+                    self._dirty.setdefault(container_id, False)
             dirty, self._dirty = self._dirty, {}
             if self._full_reasons:  # it looks at every container, and at these events
                 reasons, self._full_reasons = list(self._full_reasons), {}
@@ -1056,6 +1339,9 @@ class Reconciler:
                 deadlines.append(self._resync.remaining())
             if self._refresh is not None and (self._events_connected or not self._refresh_suspended):
                 deadlines.append(self._refresh.remaining())  # see _vouch_for_records
+            if self._events_connected and self._refused:
+                now = time.monotonic()
+                deadlines.append(max(0.0, min(r.due for r in self._refused.values()) - now))
             self._cond.wait(min(deadlines) if deadlines else None)
 
     # -- desired state ---------------------------------------------------------------------
@@ -1082,12 +1368,22 @@ class Reconciler:
             if inspect is None:
                 return None
         try:
-            return desired_entry(inspect, self.config.host_ip, self.config.prefix)
+            return desired_entry(inspect, self.config.host_ip, self.config.prefix,
+                                 self.config.max_record_bytes)
         except RecordError as exc:
-            log_event(logging.WARNING, f"container {container_name(inspect)} ({container_id[:12]}) "
-                      f"treated as publishing nothing: {exc}", event="bad_container",
-                      container=container_name(inspect), id=container_id[:12], cause=str(exc))
+            what = "not registered" if isinstance(exc, RecordTooLarge) else "treated as publishing nothing"
+            self._warn_once(container_id, f"container {container_name(inspect)} ({container_id[:12]}) "
+                            f"{what}: {exc}", event="bad_container", container=container_name(inspect),
+                            id=container_id[:12], cause=str(exc))
             return None
+
+    def _warn_once(self, container_id: str, message: str, **fields) -> None:
+        """A warning about a container, said again only when it changes."""
+        with self._cond:
+            if self._warned.get(container_id) == message:
+                return
+            self._warned[container_id] = message
+        log_event(logging.WARNING, message, **fields)
 
     def _desired_all(self, container_ids: Iterable[str], stopped: Iterable[bool] = (),
                      listed: Iterable[dict | None] = ()) -> dict:
@@ -1106,14 +1402,57 @@ class Reconciler:
     # -- applying --------------------------------------------------------------------------
 
     def _register(self, entry: Entry, previous: Entry | None) -> None:
-        self.registry.put(entry.key, entry.value)
+        try:
+            self.registry.put(entry.key, entry.value)
+        except RecordRefused as exc:
+            self._refusal(entry, exc)
+            raise
+        with self._cond:
+            self._refused.pop(entry.container_id, None)
         verb = "registered" if previous is None or previous.key != entry.key else "updated"
         log_event(logging.INFO, f"{verb} {entry.name} ({entry.container_id[:12]}) image {entry.image} "
                   f"ports {entry.ports}", event=verb, container=entry.name,
                   id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
 
+    def _refusal(self, entry: Entry, exc: RecordRefused) -> None:
+        """etcd refused this container's record: it is retried alone, with a backoff of its own;
+        said once (and again if the reason changes), not at every attempt."""
+        with self._cond:
+            previous = self._refused.get(entry.container_id)
+            schedule = previous.schedule if previous else RetrySchedule(cap=REFUSED_RETRY_CAP)
+            delay = schedule.next_delay()
+            self._refused[entry.container_id] = Refusal(schedule, time.monotonic() + delay, str(exc))
+            self._cond.notify()
+        first = previous is None or previous.reason != str(exc)
+        log_event(logging.WARNING if first else logging.DEBUG,
+                  f"could not register {entry.name} ({entry.container_id[:12]}) image {entry.image}: "
+                  f"{exc}; retrying this container alone in {delay:.1f} s (backoff up to "
+                  f"{REFUSED_RETRY_CAP:.0f} s), the others are not held back", event="refused",
+                  container=entry.name, id=entry.container_id[:12], image=entry.image, cause=str(exc),
+                  retry_in=round(delay, 3), key=entry.key)
+
+    def _delete(self, key: str) -> None:
+        try:
+            self.registry.delete(key)
+        except RecordRefused as exc:
+            log_event(logging.WARNING, f"could not remove {key}: {exc}; the next full reconcile "
+                      "tries again", event="refused", key=key, cause=str(exc))
+            raise
+
+    def _refusal_pending(self, container_id: str) -> bool:
+        with self._cond:
+            refusal = self._refused.get(container_id)
+            return refusal is not None and refusal.due > time.monotonic()
+
+    def _forget(self, container_ids: Iterable[str]) -> None:
+        """Containers that no longer run: nothing to retry or to warn about for them."""
+        with self._cond:
+            for container_id in container_ids:
+                self._refused.pop(container_id, None)
+                self._warned.pop(container_id, None)
+
     def _unregister(self, entry: Entry, why: str, prune: bool = True) -> None:
-        self.registry.delete(entry.key)
+        self._delete(entry.key)
         log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
                   f"ports {entry.ports}: {why}", event="removed", container=entry.name,
                   id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
@@ -1124,6 +1463,8 @@ class Reconciler:
         """Make one container's key right, given what is known to be in etcd."""
         if want is UNKNOWN:
             return
+        if want is None:
+            self._forget([container_id])
         have = self.known.get(container_id)
         if want is not None:
             if have is None or (have.key, have.value) != (want.key, want.value):
@@ -1135,21 +1476,26 @@ class Reconciler:
                 self.known.pop(container_id, None)
 
     def _sync(self, dirty: dict[str, bool]) -> None:
-        """Bring the dirty containers' keys in line; on failure they all stay dirty."""
+        """Bring the dirty containers' keys in line: removals first, then writes. A record etcd
+        refuses is retried alone (see _refusal); on any other failure the containers that failed
+        stay dirty."""
         try:
             wanted = self._desired_all(dirty, dirty.values())
-            failures = []
-
-            def converge(item):
-                try:
-                    self._converge_one(*item)
-                except Exception as exc:
-                    failures.append((item[0], exc))
-
-            self._map(converge, wanted.items())
         except Exception:  # Docker failed: every one of them stays dirty
             self._requeue(dirty)
             raise
+        failures = []
+
+        def converge(item):
+            try:
+                self._converge_one(*item)
+            except RecordRefused:
+                pass  # said and scheduled where it was refused
+            except Exception as exc:
+                failures.append((item[0], exc))
+
+        self._map(converge, [item for item in wanted.items() if item[1] is None])
+        self._map(converge, [item for item in wanted.items() if item[1] is not None])
         if failures:
             self._requeue({cid: dirty[cid] for cid, _ in failures})
             raise failures[0][1]
@@ -1185,6 +1531,9 @@ class Reconciler:
         with self._cond:  # those the list no longer shows: it has caught up with their events
             self._stopped_lately &= listed.keys() | (self._stopped_lately - lately)
         ids = [*listed, *(cid for cid, stopped in dirty.items() if cid not in listed and not stopped)]
+        with self._cond:
+            gone = (self._refused.keys() | self._warned.keys()) - set(ids)
+        self._forget(gone)
         wanted = self._desired_all(ids, [dirty.get(cid, False) for cid in ids],
                                    [listed.get(cid) for cid in ids])
         desired = {entry.key: entry for entry in wanted.values() if isinstance(entry, Entry)}
@@ -1197,26 +1546,38 @@ class Reconciler:
             if entry is not None and entry.value == value:
                 known[entry.container_id] = entry
         self.known = known
-        puts = [entry for key, entry in desired.items() if key not in actual.leaves
-                or actual.leaves[key] != entry.value]
+        changed = [entry for key, entry in desired.items() if key not in actual.leaves
+                   or actual.leaves[key] != entry.value]
+        # a record etcd refused waits for its own retry, so that it costs nothing meanwhile
+        puts = [entry for entry in changed if not self._refusal_pending(entry.container_id)]
         stale = [key for key in actual.leaves
                  if key not in desired and key_container_id(key) not in unknown]
+        refused_puts, refused_deletes = [], []
 
         def put(entry: Entry) -> None:
-            self._register(entry, entry if entry.key in actual.leaves else None)
+            try:
+                self._register(entry, entry if entry.key in actual.leaves else None)
+            except RecordRefused:
+                refused_puts.append(entry.key)
+                return
             self.known[entry.container_id] = entry
 
         def delete(key: str) -> None:
             entry = previous.get(key_container_id(key))
-            if entry is not None and entry.key == key:  # its removal was pending: say what it was
-                self._unregister(entry, "container stopped or gone", prune=False)
+            try:
+                if entry is not None and entry.key == key:  # its removal was pending: say what it was
+                    self._unregister(entry, "container stopped or gone", prune=False)
+                    return
+                self._delete(key)
+            except RecordRefused:
+                refused_deletes.append(key)
                 return
-            self.registry.delete(key)
             log_event(logging.INFO, f"removed stale {describe_record(key, actual.leaves[key])}: "
                       "no such running container", event="removed", key=key)
 
-        self._map(put, puts)
+        # Removals first: a write that fails must never keep a dead container advertised.
         self._map(delete, stale)
+        self._map(put, puts)
         # Directories holding no wanted record go: image directories left empty, and anything
         # deeper than a record (which no version of this service writes).
         keep = {key.rsplit("/", 1)[0] for key in desired}
@@ -1229,11 +1590,16 @@ class Reconciler:
             self.registry.prune_host_dir()
         self.full_reconciles += 1
         routine = reasons == ["periodic resync"] and not puts and not stale
+        written, removed = len(puts) - len(refused_puts), len(stale) - len(refused_deletes)
+        waiting = len(changed) - written
         log_event(logging.DEBUG if routine else logging.INFO,
                   f"full reconcile ({', '.join(reasons)}): {len(desired)} record(s), "
-                  f"{len(puts)} written, {len(stale)} removed, "
-                  f"{len(desired) - len(puts)} already right, in {time.monotonic() - started:.2f} s",
-                  event="reconciled", records=len(desired), written=len(puts), removed=len(stale))
+                  f"{written} written, {removed} removed, {len(desired) - len(changed)} already right, "
+                  + (f"{waiting} refused by etcd and retried alone, " if waiting else "")
+                  + (f"{len(refused_deletes)} removal(s) refused, " if refused_deletes else "")
+                  + f"in {time.monotonic() - started:.2f} s",
+                  event="reconciled", records=len(desired), written=written, removed=removed,
+                  refused=waiting)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1249,8 +1615,32 @@ def since_from(event: Mapping) -> str | None:
     return str(seconds) if isinstance(seconds, int) else None
 
 
+def event_container(event: Mapping) -> tuple[str, bool | None] | None:
+    """(container id, whether it stopped) for an event that can change a container's records:
+    start, die and destroy say whether it runs; a network connect or disconnect says nothing of
+    that (None). None for any other event."""
+    kind = event.get("Type", "container")
+    action = event.get("Action", event.get("status"))
+    actor = event.get("Actor") or {}
+    if kind == "container" and action in CONTAINER_ACTIONS:
+        container_id = event.get("id") or actor.get("ID")
+        return (container_id, action != "start") if isinstance(container_id, str) and container_id else None
+    if kind == "network" and action in NETWORK_ACTIONS:
+        container_id = (actor.get("Attributes") or {}).get("container")
+        return (container_id, None) if isinstance(container_id, str) and container_id else None
+    return None
+
+
+MIN_STREAM_SECONDS = 5.0  # an event stream that ends sooner counts as a failed connection
+
+
 def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.Event) -> None:
-    """Feed container ids from Docker's event stream to the reconciler; reconnect for ever."""
+    """Feed container ids from Docker's event stream to the reconciler; reconnect for ever.
+
+    A stream that Docker (or a proxy in between) closes right after opening it counts as a
+    failure: reconnecting goes through the backoff, not a tight loop. The backoff is reset only
+    once a stream has lived MIN_STREAM_SECONDS.
+    """
     since: str | None = None
     failures = RetrySchedule()
     ever_connected = False
@@ -1271,22 +1661,33 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
         else:
             log_event(logging.INFO, f"connected to Docker at {engine.address}", event="connected")
         ever_connected = True
-        failures.reset()
+        opened = time.monotonic()
         reconciler.set_events_connected(True)
         cause = "the stream was closed by Docker"
         try:
             for event in stream:
                 since = since_from(event) or since
-                container_id = event.get("id") or (event.get("Actor") or {}).get("ID")
-                action = event.get("Action", event.get("status"))
-                if action in WATCHED_ACTIONS and container_id:
-                    reconciler.mark_dirty(container_id, stopped=action != "start")
+                target = event_container(event)
+                if target is not None:
+                    reconciler.mark_dirty(*target)
+                if failures.failures and time.monotonic() - opened >= MIN_STREAM_SECONDS:
+                    failures.reset()
         except Exception as exc:  # the connection broke: reconnect
             cause = describe(exc)
         reconciler.set_events_connected(False)
-        if not stop.is_set():
+        if stop.is_set():
+            break
+        lived = time.monotonic() - opened
+        if lived >= MIN_STREAM_SECONDS:
+            failures.reset()
             log_event(logging.WARNING, f"lost Docker's event stream ({cause}); reconnecting",
                       event="disconnected", cause=cause)
+            continue
+        delay = failures.next_delay()
+        log_event(logging.WARNING, f"lost Docker's event stream ({cause}) {lived:.1f} s after it opened; "
+                  f"reconnecting in {delay:.1f} s", event="disconnected", cause=cause,
+                  retry_in=round(delay, 3))
+        stop.wait(delay)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1315,13 +1716,15 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     signal.signal(signal.SIGINT, on_signal)
 
     registry = EtcdRegistry(config)
-    engine = DockerEngine()
+    engine = DockerEngine(config.docker_host)
     reconciler = Reconciler(config, registry, engine, stop)
     log_event(logging.INFO,
               f"docker-etcd-register {VERSION}: host {config.host_ip}, etcd "
-              f"{','.join(e.url for e in config.etcd_endpoints)}, subtree {config.host_dir}/, "
-              f"ttl {config.ttl} s, resync {config.resync} s",
+              f"{','.join(e.url for e in config.etcd_endpoints)}, docker {config.docker_host}, "
+              f"subtree {config.host_dir}/, ttl {config.ttl} s, resync {config.resync} s",
               event="starting", host_ip=config.host_ip, prefix=config.prefix)
+    for warning in host_ip_warnings(config.host_ip):
+        log_event(logging.WARNING, warning, event="host_ip")
     threads = [threading.Thread(target=reconciler.run, name="reconciler", daemon=True),
                threading.Thread(target=follow_events, args=(engine, reconciler, stop),
                                 name="events", daemon=True)]

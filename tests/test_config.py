@@ -15,6 +15,12 @@ GOOD = {"ETCD_ENDPOINT": "127.0.0.1:2379", "HOST_IP": "10.0.0.1"}
 ENDPOINT_EXPECTED = ("expected host:port, http://host:port or https://host:port, "
                      "or a comma-separated list of them")
 TTL_EXPECTED = "expected 0 (no TTL) or a whole number of seconds from 3 up"
+PREFIX_EXPECTED = ("expected an absolute etcd path below the root, of letters, digits and . _ : @ - between "
+                   "slashes, e.g. REGISTER_PREFIX=/registered")
+DOCKER_EXPECTED = ("expected unix:///path/to/docker.sock, tcp://host:port, or ssh://user@host with paramiko "
+                   "installed, e.g. DOCKER_HOST=unix:///var/run/docker.sock")
+HOST_IP_EXPECTED = "expected this host's IPv4 or IPv6 address, e.g. HOST_IP=10.0.0.1"
+CREDENTIALS = "carries credentials, which do not belong in an address (they would show in logs)"
 
 
 def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
@@ -82,14 +88,72 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
     ({**GOOD, "REGISTER_RESYNC": "0"}, [],
      "REGISTER_RESYNC='0' is below 1; expected a whole number of seconds from 1 up, e.g. REGISTER_RESYNC=60"),
     ({**GOOD, "REGISTER_PREFIX": "registered"}, [],
-     "REGISTER_PREFIX='registered' does not start with /; expected an absolute etcd path below the root, "
-     "e.g. REGISTER_PREFIX=/registered"),
+     f"REGISTER_PREFIX='registered' does not start with /; {PREFIX_EXPECTED}"),
     ({**GOOD, "REGISTER_PREFIX": "/"}, [],
-     "REGISTER_PREFIX='/' is the root, which would mix the registry with everything else; expected an "
-     "absolute etcd path below the root, e.g. REGISTER_PREFIX=/registered"),
-    ({**GOOD, "REGISTER_PREFIX": "/a//b"}, [],
-     "REGISTER_PREFIX='/a//b' has an empty or unusual path segment ''; expected an absolute etcd path "
-     "below the root, e.g. REGISTER_PREFIX=/registered"),
+     f"REGISTER_PREFIX='/' is the root, which would mix the registry with everything else; {PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/a//b"}, [], f"REGISTER_PREFIX='/a//b' has an empty path segment; {PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/registered/../elsewhere"}, [],
+     f"REGISTER_PREFIX='/registered/../elsewhere' has a '..' segment, which etcd would resolve to another "
+     f"path; {PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/."}, [],
+     f"REGISTER_PREFIX='/.' has a '.' segment, which etcd would resolve to another path; {PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/registered/./x"}, [],
+     f"REGISTER_PREFIX='/registered/./x' has a '.' segment, which etcd would resolve to another path; "
+     f"{PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/registered?wait=true"}, [],
+     f"REGISTER_PREFIX='/registered?wait=true' has a character, '?', that does not belong in an etcd key "
+     f"path; {PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/reg istered"}, [],
+     f"REGISTER_PREFIX='/reg istered' has a character, ' ', that does not belong in an etcd key path; "
+     f"{PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/a%2F.."}, [],
+     f"REGISTER_PREFIX='/a%2F..' has a character, '%', that does not belong in an etcd key path; "
+     f"{PREFIX_EXPECTED}"),
+    # HOST_IP that no other host can reach
+    ({**GOOD, "HOST_IP": "::ffff:0.0.0.0"}, [],
+     f"HOST_IP='::ffff:0.0.0.0' is the unspecified address, which names no host; {HOST_IP_EXPECTED}"),
+    ({**GOOD, "HOST_IP": "0:0::0"}, [],
+     f"HOST_IP='0:0::0' is the unspecified address, which names no host; {HOST_IP_EXPECTED}"),
+    ({**GOOD, "HOST_IP": "224.0.0.1"}, [],
+     f"HOST_IP='224.0.0.1' is a multicast address, which names no single host; {HOST_IP_EXPECTED}"),
+    ({**GOOD, "HOST_IP": "ff02::1"}, [],
+     f"HOST_IP='ff02::1' is a multicast address, which names no single host; {HOST_IP_EXPECTED}"),
+    ({**GOOD, "HOST_IP": "255.255.255.255"}, [],
+     f"HOST_IP='255.255.255.255' is the broadcast address, which names no single host; {HOST_IP_EXPECTED}"),
+    # DOCKER_HOST that can never work (an engine that is down is waited for instead)
+    ({**GOOD, "DOCKER_HOST": "ssh://deploy@docker.example.org"}, [],
+     "DOCKER_HOST='ssh://***@docker.example.org' needs the Docker SDK's ssh support (pip install "
+     f"paramiko), which is not installed; {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "npipe:////./pipe/docker_engine"}, [],
+     "DOCKER_HOST='npipe:////./pipe/docker_engine' is a Windows named pipe, which this host cannot open; "
+     f"{DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "fd://"}, [],
+     "DOCKER_HOST='fd://' is systemd's socket activation address, which only dockerd itself can use; "
+     f"{DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "tcp://docker:notaport"}, [],
+     f"DOCKER_HOST='tcp://docker:notaport' has a port that is not a number; {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "tcp://docker:99999"}, [],
+     f"DOCKER_HOST='tcp://docker:99999' has a port out of range 1-65535; {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "tcp://docker"}, [],
+     f"DOCKER_HOST='tcp://docker' has no port (Docker listens on 2375, or 2376 with TLS); {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "tcp://"}, [],
+     f"DOCKER_HOST='tcp://' is not an address the Docker SDK can use; {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "docker:2375"}, [], f"DOCKER_HOST='docker:2375' has no scheme; {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "ftp://docker:2375"}, [],
+     f"DOCKER_HOST='ftp://docker:2375' has scheme 'ftp', not unix, tcp or ssh; {DOCKER_EXPECTED}"),
+    (GOOD, ["--docker-host", "fd://"],
+     "--docker-host='fd://' is systemd's socket activation address, which only dockerd itself can use; "
+     + DOCKER_EXPECTED.replace("DOCKER_HOST=", "--docker-host=")),
+    ({**GOOD, "DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": "/nonexistent/tls"}, [],
+     "DOCKER_CERT_PATH='/nonexistent/tls' lacks a readable ca.pem, cert.pem, key.pem, which DOCKER_TLS_VERIFY "
+     "or DOCKER_CERT_PATH asks for; expected the Docker CLI's TLS files there, "
+     "e.g. DOCKER_CERT_PATH=/etc/docker/tls"),
+    ({**GOOD, "REGISTER_MAX_RECORD_BYTES": "100"}, [],
+     "REGISTER_MAX_RECORD_BYTES='100' is below 1024; expected a whole number of bytes from 1024 up, "
+     "e.g. REGISTER_MAX_RECORD_BYTES=524288"),
+    ({**GOOD, "REGISTER_MAX_RECORD_BYTES": "1M"}, [],
+     "REGISTER_MAX_RECORD_BYTES='1M' is not a whole number of bytes; expected a whole number of bytes from "
+     "1024 up, e.g. REGISTER_MAX_RECORD_BYTES=524288"),
     ({**GOOD, "LOG_LEVEL": "verbose"}, [],
      "LOG_LEVEL='verbose' is not one of the choices; expected debug, info, warning or error, "
      "e.g. LOG_LEVEL=info"),
@@ -122,6 +186,29 @@ def test_bad_configuration_is_one_line_and_exit_code_2(env, args, line):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(("env", "args", "line"), [
+    ({**GOOD, "ETCD_ENDPOINT": "http://admin:s3cret-pw@etcd:2379"}, [],
+     f"ETCD_ENDPOINT='http://***@etcd:2379' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "admin:s3cret-pw@etcd"}, [],
+     f"ETCD_ENDPOINT='***@etcd' {CREDENTIALS}; {ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "http://a:2379,https://admin:s3cret-pw@b:notaport", "LOG_FORMAT": "json"}, [],
+     f"ETCD_ENDPOINT='http://a:2379,https://***@b:notaport' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    (GOOD, ["--etcd-endpoint", "https://admin:s3cret-pw@[fd00::1"],
+     f"--etcd-endpoint='https://***@[fd00::1' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
+     "e.g. --etcd-endpoint=http://127.0.0.1:2379"),
+    ({**GOOD, "DOCKER_HOST": "tcp://admin:s3cret-pw@docker:2376"}, [],
+     f"DOCKER_HOST='tcp://***@docker:2376' {CREDENTIALS}; {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "ssh://admin:s3cret-pw@docker"}, [],
+     f"DOCKER_HOST='ssh://***@docker' {CREDENTIALS}; {DOCKER_EXPECTED}"),
+])
+def test_credentials_in_an_address_are_refused_and_never_printed(env, args, line):
+    result = run_register(env, *args)
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"register.py: error: {line}\n", "")
+    assert "s3cret" not in result.stderr and "admin" not in result.stderr
+
+
 def test_help_documents_every_setting_with_its_default():
     result = run_register({}, "--help")
     assert result.returncode == 0
@@ -132,7 +219,8 @@ def test_help_documents_every_setting_with_its_default():
         ("REGISTER_RESYNC", "--resync", "60"), ("LOG_LEVEL", "--log-level", "info"),
         ("ETCD_CA_FILE", "--etcd-ca-file", None), ("ETCD_CERT_FILE", "--etcd-cert-file", None),
         ("ETCD_KEY_FILE", "--etcd-key-file", None),
-        ("LOG_FORMAT", "--log-format", "text"),
+        ("LOG_FORMAT", "--log-format", "text"), ("DOCKER_HOST", "--docker-host", None),
+        ("REGISTER_MAX_RECORD_BYTES", "--max-record-bytes", "524288"),
     ]:
         assert f"{flag} {env}" in text
         assert f"[env {env}]" in text
@@ -168,7 +256,8 @@ def test_a_flag_wins_over_the_environment():
 
 @pytest.mark.parametrize(("text", "canonical"), [
     ("FD00:0::1", "fd00::1"), ("fd00:0000:0000:0000:0000:0000:0000:0001", "fd00::1"),
-    ("10.0.0.1", "10.0.0.1"), ("127.0.0.1", "127.0.0.1"),
+    ("10.0.0.1", "10.0.0.1"), ("127.0.0.1", "127.0.0.1"), ("::ffff:10.0.0.1", "10.0.0.1"),
+    ("::FFFF:a00:1", "10.0.0.1"), ("169.254.0.5", "169.254.0.5"), ("240.0.0.1", "240.0.0.1"),
 ])
 def test_host_ip_is_canonical(text, canonical):
     assert load_config([], {**GOOD, "HOST_IP": text}).host_ip == canonical
@@ -180,12 +269,36 @@ def test_host_ip_is_canonical(text, canonical):
     ("https://etcd.example.org", (Endpoint("https", "etcd.example.org", 2379),)),
     ("http://[FD00::1]:2379/", (Endpoint("http", "[fd00::1]", 2379),)),
     ("[::1]", (Endpoint("http", "[::1]", 2379),)),
+    ("etcd_1", (Endpoint("http", "etcd_1", 2379),)),
+    ("http://project_etcd_1:2379", (Endpoint("http", "project_etcd_1", 2379),)),
     ("10.0.0.1:2379, 10.0.0.2:2379,10.0.0.3",
      (Endpoint("http", "10.0.0.1", 2379), Endpoint("http", "10.0.0.2", 2379),
       Endpoint("http", "10.0.0.3", 2379))),
 ])
 def test_endpoints(text, endpoints):
     assert register.parse_endpoints(text) == endpoints
+
+
+@pytest.mark.parametrize(("host_ip", "warnings"), [
+    ("10.0.0.1", []), ("fd00::1", []),
+    ("127.0.0.1", ["HOST_IP 127.0.0.1 is a loopback address: no other host can reach the ports registered "
+                   "under it (fine for a single-host demo)"]),
+    ("::1", ["HOST_IP ::1 is a loopback address: no other host can reach the ports registered under it "
+             "(fine for a single-host demo)"]),
+    ("169.254.0.5", ["HOST_IP 169.254.0.5 is a link-local address: only hosts on the same link can reach the "
+                     "ports registered under it"]),
+    ("fe80::1", ["HOST_IP fe80::1 is a link-local address: only hosts on the same link can reach the ports "
+                 "registered under it"]),
+])
+def test_host_ip_warnings(host_ip, warnings):
+    assert register.host_ip_warnings(host_ip) == warnings
+
+
+def test_docker_host_default_and_flag():
+    assert load_config([], GOOD).docker_host == "unix:///var/run/docker.sock"
+    assert load_config([], {**GOOD, "DOCKER_HOST": ""}).docker_host == "unix:///var/run/docker.sock"
+    assert load_config(["--docker-host", "tcp://[::1]:2375"], {**GOOD, "DOCKER_HOST": "fd://"}).docker_host == \
+        "tcp://[::1]:2375"
 
 
 def test_endpoint_url():
