@@ -988,23 +988,29 @@ class EtcdRegistry:
             f"{self.host_dir}/; it is not this registrar's to delete: an operator should remove it "
             f"(etcdctl rm {ancestor}) or choose another REGISTER_PREFIX")
 
-    def refresh(self) -> bool:
+    def refresh(self) -> str | None:
         """Extend the host directory's TTL with one write that wakes no watcher.
 
-        Returns False when the directory had gone (expired or wiped), had lost its TTL (re-created
-        by a child write) or was replaced by a plain value: the caller must re-register everything.
+        Returns None when it was there, or what had happened to it: gone (expired or wiped), its
+        TTL lost (re-created by a child write), or replaced by a plain value (which etcd refreshes
+        like a directory, and which is removed here). Then the caller must re-register everything.
         """
         try:
             result = self._write(self.host_dir, lambda c, k: c.write(
                 k, None, dir=True, ttl=self.ttl, refresh=True, prevExist=True), host_dir=True)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
             self._dir_ready = False
-            return False
+            return "had expired or lost its TTL"
         previous = getattr(result, "_prev_node", None)
-        if previous is None or previous.ttl is None or not previous.dir:
+        if previous is not None and not previous.dir:
+            with contextlib.suppress(etcd.EtcdKeyNotFound):
+                self._write(self.host_dir, lambda c, k: c.delete(k), host_dir=True)
             self._dir_ready = False
-            return False
-        return True
+            return "had been replaced by a plain value, now removed"
+        if previous is None or previous.ttl is None:
+            self._dir_ready = False
+            return "had expired or lost its TTL"
+        return None
 
     # -- records ----------------------------------------------------------------------------
 
@@ -1190,6 +1196,7 @@ class Reconciler:
         self._full_reasons: dict[str, None] = {}  # why a full reconcile is due (an ordered set)
         self._events_connected = False
         self._refresh_suspended = False  # Docker is unreachable: this host's records are unvouched
+        self._suspension_said = False
         # containers whose latest event said they stopped, while Docker's list may still show them
         # running (it lags behind the event by the teardown): the list is not trusted for them
         self._stopped_lately: set[str] = set()
@@ -1249,17 +1256,18 @@ class Reconciler:
                     # A request that timed out may still have been applied, and etcd may have been
                     # wiped or restored meanwhile: what it holds is read again before any write.
                     self._note_full("etcd failed: re-reading what it holds")
-                self._back_off(str(exc))
+                blocked = isinstance(exc, RegistryBlocked)  # an operator must act: an error
+                self._back_off(str(exc), logging.ERROR if blocked else logging.WARNING)
             except Exception as exc:  # a bug: log it whole, keep serving
                 log.exception("unexpected error in the reconciler: %s", exc)
                 self._back_off(f"unexpected error: {exc}")
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _back_off(self, cause: str) -> None:
+    def _back_off(self, cause: str, level: int = logging.WARNING) -> None:
         delay = self._failures.next_delay()
         with self._cond:
             pending = len(self._dirty)
-        log_event(logging.WARNING,
+        log_event(level,
                   f"{cause}; {pending} container(s) pending; retrying in {delay:.1f} s",
                   event="retry", cause=cause, retry_in=round(delay, 3), pending=pending)
         self._down = cause
@@ -1276,9 +1284,10 @@ class Reconciler:
         if self.registry.ensure_host_dir():
             self._note_full(f"host directory {self.registry.host_dir} was (re)created")
         if self._refresh is not None and self._refresh.due() and self._vouch_for_records():
-            if not self.registry.refresh():
-                log_event(logging.WARNING, f"host directory {self.registry.host_dir} had expired or "
-                          "lost its TTL; re-registering everything", event="host_dir_lost")
+            lost = self.registry.refresh()
+            if lost:
+                log_event(logging.WARNING, f"host directory {self.registry.host_dir} {lost}; "
+                          "re-registering everything", event="host_dir_lost")
                 self.registry.ensure_host_dir()
                 self._note_full("host directory had expired")
             self._refresh.restart()
@@ -1303,7 +1312,10 @@ class Reconciler:
             suspending = not connected and not self._refresh_suspended
             if suspending:
                 self._refresh_suspended = True
-        if suspending:
+            # said once per outage, also when a stream that Docker closes at once comes and goes
+            warn = suspending and not self._suspension_said
+            self._suspension_said = not connected and (self._suspension_said or suspending)
+        if warn:
             log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the TTL of "
                       f"{self.registry.host_dir}; its records expire within {self.config.ttl} s "
                       "unless Docker returns", event="refresh_suspended")
@@ -1332,7 +1344,9 @@ class Reconciler:
 
     def _wait_for_work(self) -> None:
         with self._cond:
-            if self._dirty or self._full_reasons or self.stop.is_set():
+            # Docker work waits for Docker: while the event stream is down, pending containers and
+            # full reconciles are no reason to run (set_events_connected wakes this thread)
+            if self.stop.is_set() or (self._events_connected and (self._dirty or self._full_reasons)):
                 return
             deadlines = []
             if self._events_connected:
@@ -1463,8 +1477,6 @@ class Reconciler:
         """Make one container's key right, given what is known to be in etcd."""
         if want is UNKNOWN:
             return
-        if want is None:
-            self._forget([container_id])
         have = self.known.get(container_id)
         if want is not None:
             if have is None or (have.key, have.value) != (want.key, want.value):
@@ -1484,6 +1496,7 @@ class Reconciler:
         except Exception:  # Docker failed: every one of them stays dirty
             self._requeue(dirty)
             raise
+        self._forget([cid for cid, stopped in dirty.items() if stopped])
         failures = []
 
         def converge(item):
@@ -1720,8 +1733,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     reconciler = Reconciler(config, registry, engine, stop)
     log_event(logging.INFO,
               f"docker-etcd-register {VERSION}: host {config.host_ip}, etcd "
-              f"{','.join(e.url for e in config.etcd_endpoints)}, docker {config.docker_host}, "
-              f"subtree {config.host_dir}/, ttl {config.ttl} s, resync {config.resync} s",
+              f"{','.join(e.url for e in config.etcd_endpoints)}, subtree {config.host_dir}/, "
+              f"docker {config.docker_host}, ttl {config.ttl} s, resync {config.resync} s",
               event="starting", host_ip=config.host_ip, prefix=config.prefix)
     for warning in host_ip_warnings(config.host_ip):
         log_event(logging.WARNING, warning, event="host_ip")

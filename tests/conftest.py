@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import signal
 
 import etcd
 import invariant
@@ -12,6 +13,7 @@ import testbed
 from testbed import HOST, Registrar
 
 _prefixes = itertools.count(1)
+_servers = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
@@ -45,6 +47,17 @@ def engine(workdir):
 
 
 @pytest.fixture
+def own_etcd(workdir):
+    """An etcd of the test's own, to kill, pause, wipe or fill with junk."""
+    server = testbed.EtcdServer(workdir, name=f"own{next(_servers)}")
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGCONT)
+    server.stop()
+
+
+@pytest.fixture
 def docker(engine):
     engine.remove_all_containers()
     yield engine
@@ -67,12 +80,13 @@ def registrar(workdir, etcd_server, engine, prefix):
     started: list[Registrar] = []
 
     def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
-              endpoint: str | None = None, docker_host: str | None = None) -> Registrar:
-        env = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
-               "DOCKER_HOST": docker_host or engine.host,
-               "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
-               "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug"}
-        started.append(Registrar(workdir, env, list(args)).start())
+              endpoint: str | None = None, docker_host: str | None = None, env: dict | None = None,
+              wrapper: tuple = ()) -> Registrar:
+        settings = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
+                    "DOCKER_HOST": docker_host or engine.host,
+                    "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
+                    "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug", **(env or {})}
+        started.append(Registrar(workdir, settings, list(args), wrapper=list(wrapper)).start())
         return started[-1]
 
     yield start

@@ -183,8 +183,14 @@ class OddDocker:
     inspect data of chosen containers is rewritten: how an older or buggy engine might report
     them (an engine with odd data cannot be had here otherwise)."""
 
-    def __init__(self, engine: DockerEngine, path: Path, rewrite: Callable[[dict], None]):
+    def __init__(self, engine: DockerEngine, path: Path, rewrite: Callable[[dict], None] = lambda data: None):
         api = docker.APIClient(base_url=engine.host, version="auto")
+        proxy = self
+        # With close_events set, every event subscription is answered and closed at once, as by a
+        # proxy that drops long requests or a daemon shutting down; event_requests counts them.
+        self.close_events = False
+        self.event_requests = 0
+        self.open_streams = 0  # event streams passed through and open now
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -193,6 +199,15 @@ class OddDocker:
                 pass
 
             def do_GET(self) -> None:
+                if "/events" in self.path:
+                    proxy.event_requests += 1
+                    if proxy.close_events:
+                        self.send_response(200)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Transfer-Encoding", "chunked")
+                        self.end_headers()
+                        self.wfile.write(b"0\r\n\r\n")
+                        return
                 upstream = api.get(f"http+docker://localhost{self.path}", stream=True, timeout=None)
                 if re.fullmatch(r"(/v[0-9.]+)?/containers/[0-9a-f]+/json", self.path.split("?")[0]) \
                         and upstream.status_code == 200:
@@ -204,8 +219,14 @@ class OddDocker:
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
-                    with contextlib.suppress(OSError):
+                    proxy.open_streams += 1
+                    with contextlib.suppress(OSError), contextlib.ExitStack() as closing:
+                        closing.callback(lambda: setattr(proxy, "open_streams", proxy.open_streams - 1))
                         for chunk in upstream.raw.read_chunked(decode_content=False):
+                            if proxy.close_events:  # a stream open since before: it ends here
+                                self.close_connection = True
+                                upstream.close()
+                                return
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                             self.wfile.flush()
                 else:

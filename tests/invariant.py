@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import time
 
 import etcd
@@ -24,6 +25,22 @@ MEASURED: list[tuple[str, float]] = []
 
 def record(fault: str, seconds: float) -> None:
     MEASURED.append((fault, seconds))
+
+
+# What every warning or error line must say: what happens next.
+NEXT_STEPS = ("retrying in", "reconnecting", "re-registering everything", "treated as publishing nothing",
+              "left as it is until the next resync", "expire within", "it expires with its TTL",
+              "retrying this container alone in", "not registered", "the next full reconcile tries again",
+              "(fine for a single-host demo)", "only hosts on the same link")
+
+
+def assert_log_is_clean(registrar: Registrar) -> None:
+    """No traceback, and every warning or error line names its cause and what happens next."""
+    log = registrar.log
+    assert "Traceback" not in log and "unexpected error" not in log, log[-6000:]
+    problems = [line for line in log.splitlines() if re.match(r"\S+ (warning|error) ", line)]
+    vague = [line for line in problems if not any(step in line for step in NEXT_STEPS)]
+    assert not vague, "log lines that do not say what happens next:\n" + "\n".join(vague)
 
 
 def image_part(image: str) -> str:
@@ -75,12 +92,16 @@ def running_inspects(engine: DockerEngine) -> list[dict]:
     return json.loads(output or b"[]")
 
 
-def expected_registry(engine: DockerEngine, prefix: str, host: str) -> dict[str, str]:
+MAX_RECORD_BYTES = 512 * 1024  # REGISTER_MAX_RECORD_BYTES' default: larger records are not written
+
+
+def expected_registry(engine: DockerEngine, prefix: str, host: str,
+                      max_bytes: int = MAX_RECORD_BYTES) -> dict[str, str]:
     """key -> value, exactly what `<prefix>/<host>` must hold for the containers running now."""
     expected = {}
     for inspect in running_inspects(engine):
         value = expected_value(inspect, host)
-        if value is not None:
+        if value is not None and len(value) <= max_bytes:
             key = f"{prefix}/{host}/{image_part(inspect['Config']['Image'])}/{inspect['Id']}"
             expected[key] = value
     return expected

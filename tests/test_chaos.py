@@ -22,40 +22,15 @@ import docker as docker_sdk
 import etcd
 import pytest
 from faults import Churn, OddDocker, Partition, Pauser, paused, rss_kib, threads
-from invariant import Invariant, expected_registry, history, record
-from testbed import BASE_IMAGE, HOST, EtcdServer, Registrar, end, read_tree, wait_until
+from invariant import Invariant, assert_log_is_clean, expected_registry, history, record
+from testbed import BASE_IMAGE, HOST, EtcdServer, end, read_tree, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 _names = itertools.count(1)
 
-# What every warning or error line must say: what happens next.
-NEXT_STEPS = ("retrying in", "reconnecting", "re-registering everything", "treated as publishing nothing",
-              "left as it is until the next resync", "expire within", "it expires with its TTL")
-
-
-@pytest.fixture
-def own_etcd(workdir):
-    """An etcd of the test's own, to kill, pause and wipe."""
-    server = EtcdServer(workdir, name=f"chaos{next(_names)}")
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGCONT)
-    server.stop()
-
-
 def start(engine, *args: str) -> str:
     return engine.out("run", "-d", *args, BASE_IMAGE)
-
-
-def assert_log_is_clean(registrar: Registrar) -> None:
-    """No traceback, and every warning or error line names its cause and what happens next."""
-    log = registrar.log
-    assert "Traceback" not in log and "unexpected error" not in log, log[-6000:]
-    problems = [line for line in log.splitlines() if re.match(r"\S+ (warning|error) ", line)]
-    vague = [line for line in problems if not any(step in line for step in NEXT_STEPS)]
-    assert not vague, "log lines that do not say what happens next:\n" + "\n".join(vague)
 
 
 def start_many(engine, count: int, args: tuple[str, ...] = ("-p", "80")) -> list[str]:

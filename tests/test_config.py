@@ -90,8 +90,10 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
     ({**GOOD, "REGISTER_PREFIX": "registered"}, [],
      f"REGISTER_PREFIX='registered' does not start with /; {PREFIX_EXPECTED}"),
     ({**GOOD, "REGISTER_PREFIX": "/"}, [],
-     f"REGISTER_PREFIX='/' is the root, which would mix the registry with everything else; {PREFIX_EXPECTED}"),
-    ({**GOOD, "REGISTER_PREFIX": "/a//b"}, [], f"REGISTER_PREFIX='/a//b' has an empty path segment; {PREFIX_EXPECTED}"),
+     "REGISTER_PREFIX='/' is the root, which would mix the registry with everything else; "
+     f"{PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/a//b"}, [],
+     f"REGISTER_PREFIX='/a//b' has an empty path segment; {PREFIX_EXPECTED}"),
     ({**GOOD, "REGISTER_PREFIX": "/registered/../elsewhere"}, [],
      f"REGISTER_PREFIX='/registered/../elsewhere' has a '..' segment, which etcd would resolve to another "
      f"path; {PREFIX_EXPECTED}"),
@@ -138,15 +140,16 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
      f"DOCKER_HOST='tcp://docker' has no port (Docker listens on 2375, or 2376 with TLS); {DOCKER_EXPECTED}"),
     ({**GOOD, "DOCKER_HOST": "tcp://"}, [],
      f"DOCKER_HOST='tcp://' is not an address the Docker SDK can use; {DOCKER_EXPECTED}"),
-    ({**GOOD, "DOCKER_HOST": "docker:2375"}, [], f"DOCKER_HOST='docker:2375' has no scheme; {DOCKER_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "docker:2375"}, [],
+     f"DOCKER_HOST='docker:2375' has no scheme; {DOCKER_EXPECTED}"),
     ({**GOOD, "DOCKER_HOST": "ftp://docker:2375"}, [],
      f"DOCKER_HOST='ftp://docker:2375' has scheme 'ftp', not unix, tcp or ssh; {DOCKER_EXPECTED}"),
     (GOOD, ["--docker-host", "fd://"],
      "--docker-host='fd://' is systemd's socket activation address, which only dockerd itself can use; "
      + DOCKER_EXPECTED.replace("DOCKER_HOST=", "--docker-host=")),
     ({**GOOD, "DOCKER_TLS_VERIFY": "1", "DOCKER_CERT_PATH": "/nonexistent/tls"}, [],
-     "DOCKER_CERT_PATH='/nonexistent/tls' lacks a readable ca.pem, cert.pem, key.pem, which DOCKER_TLS_VERIFY "
-     "or DOCKER_CERT_PATH asks for; expected the Docker CLI's TLS files there, "
+     "DOCKER_CERT_PATH='/nonexistent/tls' lacks a readable ca.pem, cert.pem, key.pem, which "
+     "DOCKER_TLS_VERIFY or DOCKER_CERT_PATH asks for; expected the Docker CLI's TLS files there, "
      "e.g. DOCKER_CERT_PATH=/etc/docker/tls"),
     ({**GOOD, "REGISTER_MAX_RECORD_BYTES": "100"}, [],
      "REGISTER_MAX_RECORD_BYTES='100' is below 1024; expected a whole number of bytes from 1024 up, "
@@ -297,8 +300,8 @@ def test_host_ip_warnings(host_ip, warnings):
 def test_docker_host_default_and_flag():
     assert load_config([], GOOD).docker_host == "unix:///var/run/docker.sock"
     assert load_config([], {**GOOD, "DOCKER_HOST": ""}).docker_host == "unix:///var/run/docker.sock"
-    assert load_config(["--docker-host", "tcp://[::1]:2375"], {**GOOD, "DOCKER_HOST": "fd://"}).docker_host == \
-        "tcp://[::1]:2375"
+    flag = load_config(["--docker-host", "tcp://[::1]:2375"], {**GOOD, "DOCKER_HOST": "fd://"})
+    assert flag.docker_host == "tcp://[::1]:2375"
 
 
 def test_endpoint_url():

@@ -268,3 +268,53 @@ def test_a_container_list_entry_gives_what_the_records_need():
         "odd-public-port", "odd-port-entry"])
 def test_a_list_entry_that_cannot_tell_means_an_inspect(change):
     assert register.inspect_from_summary({**SUMMARY, **change}) is None
+
+
+# -- the record size limit ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in FIXTURES.glob("*.json")))
+def test_the_record_size_is_computed_exactly_without_making_the_record(name):
+    e = entry(name)
+    if e is None:
+        return  # no record: nothing to measure (those fixtures are checked above)
+    records = register.port_records(fixture(name), HOST)
+    assert register.record_bytes(records, e.container_id, e.key.split("/")[-2]) == len(e.value)
+
+
+def test_a_record_over_the_limit_is_refused_before_it_is_made():
+    data = fixture("host_network")
+    data["Config"]["ExposedPorts"] = {f"{port}/{kind}": {} for port in range(1, 3001)
+                                      for kind in ("tcp", "udp")}
+    whole = desired_entry(data, HOST, PREFIX)
+    assert len(whole.value) > 512 * 1024
+    assert desired_entry(data, HOST, PREFIX, len(whole.value)) == whole  # the limit itself is allowed
+    with pytest.raises(register.RecordTooLarge) as raised:
+        desired_entry(data, HOST, PREFIX, len(whole.value) - 1)
+    assert str(raised.value) == (f"its record would take {len(whole.value)} bytes for 6000 published "
+                                 f"port(s), over REGISTER_MAX_RECORD_BYTES={len(whole.value) - 1}")
+    assert whole.ports.endswith(",... (6000 ports)") and whole.ports.count("=") == register.LOGGED_PORTS
+
+
+# -- which events say what --------------------------------------------------------------------
+
+CID = "c" * 64
+
+
+@pytest.mark.parametrize(("event", "target"), [
+    ({"Type": "container", "Action": "start", "id": CID, "Actor": {"ID": CID}}, (CID, False)),
+    ({"Type": "container", "Action": "die", "Actor": {"ID": CID}}, (CID, True)),
+    ({"Type": "container", "Action": "destroy", "Actor": {"ID": CID}}, (CID, True)),
+    ({"status": "start", "id": CID}, (CID, False)),  # an engine too old to say Type and Action
+    # a network change says nothing of whether the container runs, only that its ports may differ
+    ({"Type": "network", "Action": "connect", "Actor": {"ID": "n" * 64, "Attributes": {
+        "container": CID, "name": "bridge", "type": "bridge"}}}, (CID, None)),
+    ({"Type": "network", "Action": "disconnect", "Actor": {"ID": "n" * 64, "Attributes": {
+        "container": CID, "name": "bridge", "type": "bridge"}}}, (CID, None)),
+    # the filter lets these through too (it matches actions of any type): they change no record
+    ({"Type": "network", "Action": "destroy", "Actor": {"ID": "n" * 64, "Attributes": {"name": "n1"}}}, None),
+    ({"Type": "network", "Action": "connect", "Actor": {"ID": "n" * 64, "Attributes": {}}}, None),
+    ({"Type": "container", "Action": "pause", "Actor": {"ID": CID}}, None),
+    ({"Type": "container", "Action": "start", "Actor": {"ID": 5}}, None),
+])
+def test_which_events_mark_which_container(event, target):
+    assert register.event_container(event) == target

@@ -38,7 +38,7 @@ class FakeRegistry:
     def refresh(self):
         self.refreshes += 1
         present, self.dir_present = self.dir_present, True
-        return present
+        return None if present else "had expired or lost its TTL"
 
     def read_subtree(self):
         return register.Subtree({}, set())
