@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,74 @@ def test_a_container_that_stopped_lately_is_inspected_while_the_list_still_shows
     worker._note_full("periodic resync")
     worker._step()
     assert worker._stopped_lately == set()
+
+
+class RefusingRegistry(FlakyRegistry):
+    """etcd answers, and refuses the records of the containers named in `refuse`."""
+
+    def __init__(self, refuse: set[str]):
+        super().__init__(failing=False)
+        self.refuse = refuse
+        self.attempts = 0
+
+    def put(self, key, value):
+        if key.rsplit("/", 1)[-1] in self.refuse:
+            self.attempts += 1
+            raise register.RecordRefused("etcd refused it: Invalid POST form : http: POST too large "
+                                         "(HTTP 400)")
+        super().put(key, value)
+
+
+class ManyContainerEngine(FakeEngine):
+    def __init__(self, inspects):
+        self.data = {i["Id"]: i for i in inspects}
+
+    def inspect(self, container_id):
+        return self.data.get(container_id)
+
+
+def test_a_refused_record_is_retried_alone_with_its_own_backoff_and_said_once(caplog):
+    good, bad = wildcard_inspect(), wildcard_inspect()
+    bad["Id"], bad["Name"] = "b" * 64, "/bad"
+    registry = RefusingRegistry({bad["Id"]})
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        worker = reconciler(config(ttl=0), registry, ManyContainerEngine([good, bad]))
+        worker._events_connected = True
+        worker.mark_dirty(bad["Id"])
+        worker.mark_dirty(good["Id"])
+        worker._step()  # no exception: the refusal holds back nothing and stops nothing
+        assert list(registry.records) == [f"/registered/10.0.0.1/regtest::busybox:1/{good['Id']}"]
+        assert registry.attempts == 1 and worker._dirty == {}
+        refusal = worker._refused[bad["Id"]]
+        assert 0 <= refusal.due - time.monotonic() <= 0.5
+        worker._step()
+        assert registry.attempts == 1  # not before its time
+        for _ in range(40):  # 20 s: retried on the schedule 0.5, 1, 2, 4, 8 s (at most, with jitter)
+            clock.tick(0.5)
+            worker._step()
+        assert 5 <= registry.attempts <= 40
+        registry.refuse.clear()  # etcd accepts it now (say the operator raised a limit)
+        clock.tick(300)
+        worker._step()
+        assert sorted(registry.records) == sorted(f"/registered/10.0.0.1/regtest::busybox:1/{c['Id']}"
+                                                  for c in (good, bad))
+        assert worker._refused == {}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"could not register bad ({'b' * 12}) image regtest/busybox:1: etcd refused it: Invalid POST form : "
+        "http: POST too large (HTTP 400); retrying this container alone in "
+        f"{warnings[0].split(' alone in ')[1].split(' s ')[0]} s (backoff up to 300 s), the others are not "
+        "held back"]
+
+
+def test_a_network_event_after_a_die_keeps_the_container_stopped():
+    worker = reconciler(config(ttl=0))
+    worker.mark_dirty("c" * 64, stopped=True)  # die
+    worker.mark_dirty("c" * 64, stopped=None)  # then Docker's network disconnect
+    assert worker._dirty == {"c" * 64: True}
+    worker._dirty.clear()
+    worker.mark_dirty("c" * 64, stopped=None)  # one more, after the die was handled
+    assert worker._dirty == {"c" * 64: True}
+    worker.mark_dirty("c" * 64)  # start
+    worker.mark_dirty("c" * 64, stopped=None)  # network connect of a running container: look again
+    assert worker._dirty == {"c" * 64: False}
