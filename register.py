@@ -625,6 +625,33 @@ def record_bytes(records: list[tuple[int, str, str, int]], container_id: str, im
                    for private, kind, ip, public in records)
 
 
+CANONICAL_PORT_KEY_RE = re.compile(r"([1-9][0-9]{0,4})/(tcp|udp|sctp)")
+
+
+def _host_mode_size(inspect: Mapping, host_ip: str, container_id: str) -> tuple[int, int] | None:
+    """(value bytes, ports) of a host-network container with many exposed ports, counted from the
+    port names alone: a container exposing 1-65535 over tcp and udp would otherwise cost a set of
+    131,070 records (26 MB) just to find out that it is too large. None when this cannot tell (few
+    ports, or a name in another spelling than Docker's, where the ordinary path decides)."""
+    config = inspect.get("Config") or {}
+    exposed = config.get("ExposedPorts")
+    if (inspect.get("HostConfig") or {}).get("NetworkMode") != "host" or not isinstance(exposed, Mapping) \
+            or len(exposed) < 1000:
+        return None
+    try:
+        image_part = image_key(config.get("Image"))
+    except RecordError:
+        return None
+    fixed = RECORD_OBJECT_BYTES + len(container_id) + len(image_part) + len(host_ip) + 1
+    size = 1
+    for name in exposed:  # distinct names in Docker's spelling are distinct records
+        match = CANONICAL_PORT_KEY_RE.fullmatch(name) if isinstance(name, str) else None
+        if not match or int(match.group(1)) > 65535:
+            return None
+        size += fixed + 2 * len(match.group(1)) + len(match.group(2))
+    return size, len(exposed)
+
+
 def desired_entry(inspect: Mapping, host_ip: str, prefix: str,
                   max_bytes: int | None = None) -> Entry | None:
     """The key and value a container should have; None when it is not running or publishes nothing.
@@ -638,6 +665,10 @@ def desired_entry(inspect: Mapping, host_ip: str, prefix: str,
         raise RecordError(f"container id {container_id!r} is not 64 hex digits")
     if not is_running(inspect):
         return None
+    counted = _host_mode_size(inspect, host_ip, container_id) if max_bytes is not None else None
+    if counted is not None and counted[0] > max_bytes:
+        raise RecordTooLarge(f"its record would take {counted[0]} bytes for {counted[1]} published "
+                             f"port(s), over REGISTER_MAX_RECORD_BYTES={max_bytes}")
     records = port_records(inspect, host_ip)
     if not records:
         return None

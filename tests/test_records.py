@@ -293,6 +293,12 @@ def test_a_record_over_the_limit_is_refused_before_it_is_made():
     assert str(raised.value) == (f"its record would take {len(whole.value)} bytes for 6000 published "
                                  f"port(s), over REGISTER_MAX_RECORD_BYTES={len(whole.value) - 1}")
     assert whole.ports.endswith(",... (6000 ports)") and whole.ports.count("=") == register.LOGGED_PORTS
+    # counted from the port names alone (no 6,000 records made), exactly as the records would be
+    assert register._host_mode_size(data, HOST, data["Id"]) == (len(whole.value), 6000)
+    data["Config"]["ExposedPorts"]["0080/tcp"] = {}  # another spelling: the records decide
+    assert register._host_mode_size(data, HOST, data["Id"]) is None
+    with pytest.raises(register.RecordTooLarge, match=r"for 6000 published port\(s\)"):
+        desired_entry(data, HOST, PREFIX, len(whole.value) - 1)
 
 
 # -- which events say what --------------------------------------------------------------------

@@ -300,15 +300,16 @@ class Registrar:
     """register.py as a subprocess, the way an operator runs it."""
 
     def __init__(self, workdir: Path, env: dict, args: list[str] | None = None, name: str = "register",
-                 wrapper: list[str] | None = None):
+                 wrapper: list[str] | None = None, script: Path = REGISTER):
         self.log_path = workdir / f"{name}-{time.monotonic_ns()}.log"
         self.env = env
         self.args = args or []
         self.wrapper = wrapper or []  # a command that runs register.py (e.g. in a namespace)
+        self.script = script  # another version of register.py, for a side-by-side benchmark
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Registrar:
-        self.process = spawn([*self.wrapper, sys.executable, str(REGISTER), *self.args], self.log_path,
+        self.process = spawn([*self.wrapper, sys.executable, str(self.script), *self.args], self.log_path,
                              env=self.env)
         return self
 
