@@ -1504,7 +1504,7 @@ class Reconciler:
         if prune:  # a full reconcile prunes every emptied directory itself
             self.registry.prune_after_delete(entry.key)
 
-    def _converge_one(self, container_id: str, want) -> None:
+    def _converge_one(self, container_id: str, want, stopped: bool = True) -> None:
         """Make one container's key right, given what is known to be in etcd."""
         if want is UNKNOWN:
             return
@@ -1514,7 +1514,8 @@ class Reconciler:
                 self._register(want, have)
             self.known[container_id] = want
         if have is not None and (want is None or have.key != want.key):
-            self._unregister(have, "container stopped or gone" if want is None else "key changed")
+            why = "container stopped or gone" if stopped else "container no longer runs or publishes a port"
+            self._unregister(have, why if want is None else "key changed")
             if want is None:
                 self.known.pop(container_id, None)
 
@@ -1532,7 +1533,7 @@ class Reconciler:
 
         def converge(item):
             try:
-                self._converge_one(*item)
+                self._converge_one(*item, stopped=dirty[item[0]])
             except RecordRefused:
                 pass  # said and scheduled where it was refused
             except Exception as exc:

@@ -21,6 +21,7 @@ the 20 ordinary records were all in etcd at the end of the window.
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=float, default=20, help="seconds measured per scenario")
     parser.add_argument("--before", default="e57c980", help="git revision to compare with ('' for none)")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the test bed on the way out
     workdir = testbed.make_workdir()
     versions = {"register.py": testbed.REGISTER}
     if args.before:
