@@ -26,6 +26,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -116,8 +117,8 @@ HOSTNAME_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?
 # What an etcd key path may hold here: python-etcd puts keys into URLs as they are, and etcd
 # resolves "." and ".." segments, so anything else could land outside the prefix
 KEY_SEGMENT_RE = re.compile(r"[A-Za-z0-9._:@+-]+")  # + for digest algorithms
-# scheme://credentials@ in a setting's text: never printed
-CREDENTIALS_RE = re.compile(r"^(\s*(?:[A-Za-z][A-Za-z0-9+.-]*://)?)([^/?#]*)@")
+# scheme://credentials@ in a word of a message: never printed
+CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)?[^\s'\"=]*@")
 
 
 @dataclass(frozen=True)
@@ -153,8 +154,19 @@ class Config:
 
 
 def mask_credentials(text: str) -> str:
-    """The text with the user information of an address (`user:secret@`) shown as `***@`."""
-    return ",".join(CREDENTIALS_RE.sub(lambda m: f"{m.group(1)}***@", item) for item in text.split(","))
+    """A setting's value with everything from its scheme (or its start) to its last `@` shown as
+    `***`: a password may hold any character, `/`, `#`, `,`, a space or `@` included."""
+    if "@" not in text:
+        return text
+    head, _, tail = text.rpartition("@")
+    scheme = re.match(r"\s*[A-Za-z][A-Za-z0-9+.-]*://", head)
+    return f"{scheme.group(0) if scheme else ''}***@{tail}"
+
+
+def mask_message(text: str) -> str:
+    """Every word of a message that holds an `@` (argparse repeats what it was given) shown with
+    `***` up to its last `@`."""
+    return CREDENTIALS_RE.sub(lambda m: f"{m.group(1) or ''}***@", text)
 
 
 def _problem(setting: Setting, source: str, value: str, problem: str) -> ConfigError:
@@ -167,11 +179,10 @@ CREDENTIALS_PROBLEM = "carries credentials, which do not belong in an address (t
 
 
 def _refuse_credentials(text: str, allow_user: bool = False) -> None:
-    """User information in an address: refused, whatever else is wrong with the address."""
-    for item in text.split(","):
-        match = CREDENTIALS_RE.match(item)
-        if match and not (allow_user and ":" not in match.group(2)):
-            raise ValueError(CREDENTIALS_PROBLEM)
+    """User information in an address (any `@`): refused, whatever else is wrong with it. With
+    `allow_user`, a bare user name (ssh://deploy@host) is not a secret."""
+    if "@" in text and not (allow_user and re.fullmatch(r"ssh://[^:@/\s]+@[^@\s]+", text)):
+        raise ValueError(CREDENTIALS_PROBLEM)
 
 
 def _parse_endpoint(item: str) -> Endpoint:
@@ -359,12 +370,12 @@ PARSERS: Mapping[str, Callable[[str], object]] = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2, as for every other bad configuration
-        raise ConfigError(message)
+        raise ConfigError(mask_message(message))
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        prog=PROG,
+        prog=PROG, allow_abbrev=False,
         description="Register this host's running containers and their published ports in etcd "
                     "(v2 API) under <prefix>/<host-ip>/<image>/<container-id>, and keep them equal "
                     "to the truth. Every setting is an environment variable and a flag; the flag "
@@ -487,6 +498,13 @@ def setup_logging(config: Config) -> None:
 
 def log_event(level: int, message: str, **fields) -> None:
     log.log(level, message, extra={"fields": fields})
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """Text from outside (etcd keys and values, Docker's data) as it may go into one log line:
+    quoted, escaped (a newline cannot forge a line) and cut to `limit` characters."""
+    shown = repr(text if isinstance(text, str) else str(text))
+    return shown if len(shown) <= limit else shown[:limit] + "...'"
 
 
 def describe(exc: BaseException) -> str:
@@ -656,10 +674,20 @@ def desired_entry(inspect: Mapping, host_ip: str, prefix: str,
                   max_bytes: int | None = None) -> Entry | None:
     """The key and value a container should have; None when it is not running or publishes nothing.
 
-    Raises RecordError when Docker's data cannot be turned into records, RecordTooLarge when the
-    value would be over `max_bytes` (checked before the value is made: thousands of ports would
-    cost tens of MB).
+    Raises RecordError when Docker's data cannot be turned into records (also data of another
+    shape than Docker's: a string where a mapping belongs), RecordTooLarge when the value would be
+    over `max_bytes` (checked before the value is made: thousands of ports would cost tens of MB).
     """
+    try:
+        return _desired_entry(inspect, host_ip, prefix, max_bytes)
+    except RecordError:
+        raise
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as exc:
+        raise RecordError(f"Docker reported data of an unexpected shape "
+                          f"({type(exc).__name__}: {printable(str(exc), 120)})") from None
+
+
+def _desired_entry(inspect: Mapping, host_ip: str, prefix: str, max_bytes: int | None) -> Entry | None:
     container_id = inspect.get("Id")
     if not isinstance(container_id, str) or not CONTAINER_ID_RE.fullmatch(container_id):
         raise RecordError(f"container id {container_id!r} is not 64 hex digits")
@@ -823,32 +851,35 @@ class Subtree(NamedTuple):
 
 
 class HostScope:
-    """This host's part of the keyspace, and the one place that says what may be written.
+    """This host's part of the keyspace, and the one place that says what may be changed.
 
     Every write, refresh and delete of a registry adapter names its key through `check`, which
-    refuses anything but `<prefix>/<HOST_IP>` itself and clean paths below it: no empty, `.` or
-    `..` segment (etcd resolves them, so `<host dir>/../x` would land outside) and no character
-    that a URL would read otherwise (python-etcd puts keys into URLs as they are).
+    passes only `<prefix>/<HOST_IP>` itself (where asked for) and keys below it without an empty,
+    `.` or `..` segment (etcd resolves them, so `<host dir>/../x` would land outside), and returns
+    the key as it goes into a URL (python-etcd puts keys into URLs as they are). The keys this
+    service makes hold only key characters; a key found in etcd below the host directory may hold
+    any (an operator's `foo bar`): it is escaped, so that exactly that key is deleted.
     """
 
     def __init__(self, prefix: str, host_ip: str):
         self.prefix = prefix
         self.host_dir = f"{prefix}/{host_ip}"
-        if not self._clean(self.host_dir[1:]):
+        segments = self.host_dir[1:].split("/")
+        if not all(KEY_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in segments):
             raise OutsideScope(f"{self.host_dir!r} is not a clean etcd path")
 
-    @staticmethod
-    def _clean(path: str) -> bool:
-        return all(KEY_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in path.split("/"))
-
-    def check(self, key: str, host_dir: bool = False) -> str:
-        """`key` itself when it is this host's to change; raises OutsideScope otherwise."""
+    def check(self, key: str, host_dir: bool = False, found: bool = False) -> str:
+        """The URL form of `key` when it is this host's to change; raises OutsideScope otherwise.
+        `found`: a key read from etcd below the host directory, which may hold any character."""
         if key == self.host_dir:
             if host_dir:
                 return key
-        elif key.startswith(self.host_dir + "/") and self._clean(key[len(self.host_dir) + 1:]):
-            return key
-        raise OutsideScope(f"refusing to change {key!r}: outside {self.host_dir}/")
+        elif key.startswith(self.host_dir + "/"):
+            segments = key[len(self.host_dir) + 1:].split("/")
+            if all(segment not in ("", ".", "..") and (found or KEY_SEGMENT_RE.fullmatch(segment))
+                   for segment in segments):
+                return urllib.parse.quote(key, safe="/:@+")
+        raise OutsideScope(f"refusing to change {printable(key)}: not a clean key inside {self.host_dir}/")
 
     def ancestors(self, key: str) -> list[str]:
         """Every directory above `key`, from the top: /a, /a/b, ..."""
@@ -857,7 +888,7 @@ class HostScope:
 
 
 class OutsideScope(AssertionError):
-    """A bug: a write outside this host's subtree was attempted, and refused."""
+    """A write outside this host's subtree was attempted, and refused before any request."""
 
 
 class EtcdRegistry:
@@ -898,18 +929,24 @@ class EtcdRegistry:
                 self._client.http.connection_pool_kw["retries"] = urllib3.Retry(0)
             return self._client
 
-    def _call(self, operation: Callable[[etcd.Client], object]):
+    def _call(self, operation: Callable[[etcd.Client], object], key: str, record: bool = False):
+        """One request about `key`. etcd's refusals (HTTP 4xx) of a record write concern that
+        record alone (RecordRefused); of anything else, every write here (RegistryBlocked)."""
         client = self._connection()
         try:
             return operation(client)
         except (etcd.EtcdKeyError, etcd.EtcdCompareFailed, etcd.EtcdDirNotEmpty):
             raise  # the key's state, handled by the caller
         except etcd.EtcdException as exc:
-            # etcd answered and refused this request (a value too large: "Invalid POST form : http:
-            # POST too large", HTTP 400): another request may well pass
             status = exc.payload.get("status") if isinstance(exc.payload, dict) else None
             if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
-                raise RecordRefused(f"etcd refused it: {describe(exc)} (HTTP {status})") from exc
+                reason = f"{describe(exc)} (HTTP {status})"
+                if record:  # "Invalid POST form : http: POST too large": another record may pass
+                    raise RecordRefused(f"etcd refused it: {reason}") from exc
+                raise RegistryBlocked(
+                    f"etcd refused a request for {printable(key)}: {reason}; an operator should check "
+                    f"what etcd lets this client do under {self.scope.prefix}/ (permissions, "
+                    "limits)") from exc
             self._failed(client)
             raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {describe(exc)}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -924,13 +961,14 @@ class EtcdRegistry:
             self._dir_ready = False  # after any error, ensure the directory before writing
 
     def _write(self, key: str, operation: Callable[[etcd.Client, str], object], host_dir: bool = False,
-               final: bool = False):
+               final: bool = False, found: bool = False, record: bool = False):
         """Every change to etcd goes through here: the key is checked, then the operation runs
-        with exactly that key. Once the service is stopping only the final deregistration runs."""
-        checked = self.scope.check(key, host_dir=host_dir)
+        with exactly the key checked. Once the service is stopping only the final deregistration
+        runs."""
+        checked = self.scope.check(key, host_dir=host_dir, found=found)
         if self.closed and not final:
             raise RegistryUnavailable("the service is stopping")
-        return self._call(lambda c: operation(c, checked))
+        return self._call(lambda c: operation(c, checked), key, record=record)
 
     # -- the host directory ----------------------------------------------------------------
 
@@ -960,7 +998,7 @@ class EtcdRegistry:
                     raise self._blocked() from None
                 continue
             try:
-                node = self._call(lambda c: c.read(self.host_dir))
+                node = self._call(lambda c: c.read(self.host_dir), self.host_dir)
                 if not node.dir:
                     self._replace_plain_host_value()
                     continue
@@ -977,7 +1015,7 @@ class EtcdRegistry:
         """REGISTER_TTL=0: the directory comes with the first record and goes with the last; a TTL
         left by an earlier run with one must not expire the records now."""
         try:
-            node = self._call(lambda c: c.read(self.host_dir))
+            node = self._call(lambda c: c.read(self.host_dir), self.host_dir)
             if not node.dir:
                 self._replace_plain_host_value()
                 return True
@@ -1005,7 +1043,7 @@ class EtcdRegistry:
         directory" says only that one does)."""
         for ancestor in self.scope.ancestors(key):
             try:
-                node = self._call(lambda c, a=ancestor: c.read(a))
+                node = self._call(lambda c, a=ancestor: c.read(a), ancestor)
             except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
                 return None
             if not node.dir:
@@ -1047,7 +1085,7 @@ class EtcdRegistry:
 
     def read_subtree(self) -> Subtree:
         try:
-            top = self._call(lambda c: c.read(self.host_dir, recursive=True))
+            top = self._call(lambda c: c.read(self.host_dir, recursive=True), self.host_dir)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
             return Subtree({}, set())
         if not top.dir:  # a plain value in the directory's place: ensure_host_dir replaces it
@@ -1066,7 +1104,7 @@ class EtcdRegistry:
     def put(self, key: str, value: str) -> None:
         for _ in range(3):  # what sits in the way is not a record of this service: it goes
             try:
-                self._write(key, lambda c, k: c.write(k, value))
+                self._write(key, lambda c, k: c.write(k, value), record=True)
                 return
             except etcd.EtcdNotFile:  # a directory at the record's key
                 self.delete_tree(key)
@@ -1084,11 +1122,11 @@ class EtcdRegistry:
     def delete(self, key: str) -> None:
         # gone, or the tree around it changed: either way that value is not there any more
         with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile, etcd.EtcdNotDir):
-            self._write(key, lambda c, k: c.delete(k))
+            self._write(key, lambda c, k: c.delete(k), found=True)
 
     def delete_tree(self, key: str) -> None:
         with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
-            self._write(key, lambda c, k: c.delete(k, recursive=True, dir=True))
+            self._write(key, lambda c, k: c.delete(k, recursive=True, dir=True), found=True)
 
     def prune(self, directory: str) -> None:
         """Remove a directory if it is empty; anything else is fine as it is."""
@@ -1197,6 +1235,7 @@ class Refusal(NamedTuple):
     schedule: RetrySchedule
     due: float  # time.monotonic() of the next attempt
     reason: str
+    armed: bool = False  # `due` was set when this attempt was taken: a new refusal keeps it
 
 
 REFUSED_RETRY_CAP = 300.0  # seconds: a refused record is retried at least this often
@@ -1365,8 +1404,10 @@ class Reconciler:
                 self._full_reasons.setdefault("periodic resync")
             now = time.monotonic()
             for container_id, refusal in self._refused.items():
-                if refusal.due <= now:
+                if refusal.due <= now:  # its turn; the next one is armed now, whatever comes of it
                     self._dirty.setdefault(container_id, False)
+                    self._refused[container_id] = refusal._replace(
+                        due=now + refusal.schedule.next_delay(), armed=True)
             dirty, self._dirty = self._dirty, {}
             if self._full_reasons:  # it looks at every container, and at these events
                 reasons, self._full_reasons = list(self._full_reasons), {}
@@ -1464,9 +1505,14 @@ class Reconciler:
         said once (and again if the reason changes), not at every attempt."""
         with self._cond:
             previous = self._refused.get(entry.container_id)
-            schedule = previous.schedule if previous else RetrySchedule(cap=REFUSED_RETRY_CAP)
-            delay = schedule.next_delay()
-            self._refused[entry.container_id] = Refusal(schedule, time.monotonic() + delay, str(exc))
+            if previous is not None and previous.armed:
+                due = previous.due
+            else:
+                schedule = previous.schedule if previous else RetrySchedule(cap=REFUSED_RETRY_CAP)
+                due = time.monotonic() + schedule.next_delay()
+            schedule = previous.schedule if previous else schedule
+            delay = max(0.0, due - time.monotonic())
+            self._refused[entry.container_id] = Refusal(schedule, due, str(exc))
             self._cond.notify()
         first = previous is None or previous.reason != str(exc)
         log_event(logging.WARNING if first else logging.DEBUG,
@@ -1486,8 +1532,8 @@ class Reconciler:
 
     def _refusal_pending(self, container_id: str) -> bool:
         with self._cond:
-            refusal = self._refused.get(container_id)
-            return refusal is not None and refusal.due > time.monotonic()
+            refusal = self._refused.get(container_id)  # an armed one is being tried right now
+            return refusal is not None and not refusal.armed and refusal.due > time.monotonic()
 
     def _forget(self, container_ids: Iterable[str]) -> None:
         """Containers that no longer run: nothing to retry or to warn about for them."""
@@ -1508,6 +1554,9 @@ class Reconciler:
         """Make one container's key right, given what is known to be in etcd."""
         if want is UNKNOWN:
             return
+        if want is None:  # nothing to write: nothing to retry
+            with self._cond:
+                self._refused.pop(container_id, None)
         have = self.known.get(container_id)
         if want is not None:
             if have is None or (have.key, have.value) != (want.key, want.value):

@@ -196,7 +196,7 @@ def test_bad_configuration_is_one_line_and_exit_code_2(env, args, line):
     ({**GOOD, "ETCD_ENDPOINT": "admin:s3cret-pw@etcd"}, [],
      f"ETCD_ENDPOINT='***@etcd' {CREDENTIALS}; {ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
     ({**GOOD, "ETCD_ENDPOINT": "http://a:2379,https://admin:s3cret-pw@b:notaport", "LOG_FORMAT": "json"}, [],
-     f"ETCD_ENDPOINT='http://a:2379,https://***@b:notaport' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
+     f"ETCD_ENDPOINT='http://***@b:notaport' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
      "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
     (GOOD, ["--etcd-endpoint", "https://admin:s3cret-pw@[fd00::1"],
      f"--etcd-endpoint='https://***@[fd00::1' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
@@ -205,6 +205,21 @@ def test_bad_configuration_is_one_line_and_exit_code_2(env, args, line):
      f"DOCKER_HOST='tcp://***@docker:2376' {CREDENTIALS}; {DOCKER_EXPECTED}"),
     ({**GOOD, "DOCKER_HOST": "ssh://admin:s3cret-pw@docker"}, [],
      f"DOCKER_HOST='ssh://***@docker' {CREDENTIALS}; {DOCKER_EXPECTED}"),
+    # a password may hold any character: everything up to the last @ goes
+    ({**GOOD, "ETCD_ENDPOINT": "http://admin:pa/s3cret#x?y@etcd:2379"}, [],
+     f"ETCD_ENDPOINT='http://***@etcd:2379' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "http://admin:s3cret,pw @@etcd:2379"}, [],
+     f"ETCD_ENDPOINT='http://***@etcd:2379' {CREDENTIALS}; {ENDPOINT_EXPECTED}, "
+     "e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "ETCD_ENDPOINT": "//admin:s3cret@etcd"}, [],
+     f"ETCD_ENDPOINT='***@etcd' {CREDENTIALS}; {ENDPOINT_EXPECTED}, e.g. ETCD_ENDPOINT=http://127.0.0.1:2379"),
+    ({**GOOD, "DOCKER_HOST": "tcp://admin:pa#s3cret@docker:2375"}, [],
+     f"DOCKER_HOST='tcp://***@docker:2375' {CREDENTIALS}; {DOCKER_EXPECTED}"),
+    # argparse repeats what it did not understand: masked too (and no abbreviated flags)
+    (GOOD, ["--etcd-endpont=http://admin:s3cret@etcd:2379"],
+     "unrecognized arguments: --etcd-endpont=http://***@etcd:2379"),
+    (GOOD, ["--etcd=http://admin:s3cret@etcd:2379"], "unrecognized arguments: --etcd=http://***@etcd:2379"),
 ])
 def test_credentials_in_an_address_are_refused_and_never_printed(env, args, line):
     result = run_register(env, *args)

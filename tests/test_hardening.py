@@ -14,10 +14,12 @@ import re
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import etcd
 import pytest
+import requests
 from faults import OddDocker, rss_kib
 from invariant import Invariant, assert_log_is_clean, expected_value
 from test_integration import IMAGE, converge, host_port, rec, val
@@ -76,9 +78,9 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
     checked, sent = [], []
     scope_check = registry.scope.check
 
-    def check(key, host_dir=False):
-        result = scope_check(key, host_dir)
-        checked.append(key)
+    def check(key, host_dir=False, found=False):
+        result = scope_check(key, host_dir, found)
+        checked.append(result)  # the key as it goes into the request's URL
         return result
 
     registry.scope.check = check
@@ -107,18 +109,29 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
     assert registry.refresh() == "had been replaced by a plain value, now removed"
     registry._dir_ready = False
     assert registry.ensure_host_dir() is True
+    # keys an operator put there with characters a URL reads otherwise: deleted exactly, escaped
+    odd = ["/scope/10.99.0.1/a b", "/scope/10.99.0.1/a?recursive=true", "/scope/10.99.0.1/caf\u00e9#1"]
+    for key in [*odd, "/scope/10.99.0.1/a", "/scope/10.99.0.1/keep"]:
+        response = requests.put(f"{own_etcd.url}/v2/keys{urllib.parse.quote(key)}", data={"value": "x"},
+                                timeout=5)
+        assert response.status_code == 201, response.text
+    for key in odd:
+        registry.delete(key)
+    assert sorted(read_tree(client, "/scope/10.99.0.1")) == ["/scope/10.99.0.1/a", "/scope/10.99.0.1/keep"]
     registry.delete_host_subtree()
-    assert sent == checked and len(sent) >= 10
+    assert sent == checked and len(sent) >= 15
 
     outside = ["/scope/10.99.0.1/../../elsewhere/x", "/scope/10.99.0.1/./x", "/scope/10.99.0.1/a//b",
                "/scope/10.99.0.11/img:latest/" + "a" * 64, "/scope/10.99.0.1", "/scope", "/",
-               "/elsewhere/x", "/scope/10.99.0.1/a b", "/scope/10.99.0.1/a?recursive=true"]
-    operations = [lambda k: registry.put(k, "x"), registry.delete, registry.delete_tree]
+               "/elsewhere/x"]
     for key in outside:
-        for operation in operations:
-            with pytest.raises(register.OutsideScope, match=r"^refusing to change .*: outside "
-                                                            r"/scope/10\.99\.0\.1/$"):
+        for operation in (lambda k: registry.put(k, "x"), registry.delete, registry.delete_tree):
+            with pytest.raises(register.OutsideScope, match=r"^refusing to change '.*': not a clean key "
+                                                            r"inside /scope/10\.99\.0\.1/$"):
                 operation(key)
+    for key in [*odd, "/scope/10.99.0.1/%2e%2e/x"]:  # this service writes no such key
+        with pytest.raises(register.OutsideScope):
+            registry.put(key, "x")
     for key in outside[:4] + outside[5:]:
         with pytest.raises(register.OutsideScope):
             registry.prune(key)
