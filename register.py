@@ -251,6 +251,8 @@ def parse_host_ip(text: str) -> str:
         address = address.ipv4_mapped  # one spelling whatever the interpreter (DESIGN.md, keys)
     if address.is_unspecified:
         raise ValueError("is the unspecified address, which names no host")
+    if address.version == 4 and address in ipaddress.IPv4Network("0.0.0.0/8"):
+        raise ValueError("is in 0.0.0.0/8, which means this network, not a host others can reach")
     if address.is_multicast:
         raise ValueError("is a multicast address, which names no single host")
     if address == ipaddress.IPv4Address("255.255.255.255"):
@@ -282,6 +284,9 @@ def parse_prefix(text: str) -> str:
             raise ValueError(f"has a {segment!r} segment, which etcd would resolve to another path")
         if not segment:
             raise ValueError("has an empty path segment")
+        if segment.startswith("_"):
+            raise ValueError(f"has a segment, {segment!r}, that starts with _, which etcd v2 hides from "
+                             "listings")
         odd = re.sub(r"[A-Za-z0-9._:@-]", "", segment)
         if odd:
             raise ValueError(f"has a character, {odd[0]!r}, that does not belong in an etcd key path")
@@ -314,6 +319,14 @@ def parse_docker_host(text: str) -> str:
         if "out of range" in str(exc):
             raise ValueError("has a port out of range 1-65535") from None
         raise ValueError("has a port that is not a number") from None
+    if scheme in ("tcp", "http", "https"):
+        host = urlsplit(text if "://" in text else f"tcp://{text}").hostname or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not HOSTNAME_RE.fullmatch(host):
+                raise ValueError(f"has a host, {host!r}, that is neither an IP address nor a host "
+                                 "name") from None
     return text
 
 
@@ -761,16 +774,23 @@ def key_container_id(key: str) -> str:
     return key.rsplit("/", 1)[-1]
 
 
+def shown(text: object) -> str:
+    """Text found in etcd, for a log line: as it is when it is plain printable ASCII of a sane
+    length, quoted and escaped otherwise (a newline in a junk value must not forge a log line)."""
+    plain = isinstance(text, str) and re.fullmatch(r"[\x21-\x7e]{1,300}", text)
+    return text if plain else printable(text)
+
+
 def describe_record(key: str, value: str) -> str:
     """A found record, for the log line of its removal: what it advertised, when it can tell."""
     try:
         records = json.loads(value)
         ports = ports_summary((r["private_port"], r["port_type"], r["ip"], r["public_port"])
                               for r in records)
-        return (f"record of {records[0]['container'][:12]} image {records[0]['image']} "
-                f"ports {ports} ({key})")
+        return (f"record of {shown(records[0]['container'][:12])} image {shown(records[0]['image'])} "
+                f"ports {shown(ports)} ({shown(key)})")
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-        return f"key {key}"
+        return f"key {shown(key)}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -838,6 +858,11 @@ class RegistryBlocked(RegistryUnavailable):
 
 class EngineUnavailable(Unavailable):
     pass
+
+
+class HostDirReplaced(RegistryUnavailable):
+    """A write found a plain value in the host directory's place and replaced it (said once,
+    where it was replaced): everything is to be registered again, at once."""
 
 
 class RecordRefused(Exception):
@@ -1114,7 +1139,7 @@ class EtcdRegistry:
                     self.delete(ancestor)  # in its image directory's place: this host's key
                 elif ancestor == self.host_dir:
                     self._replace_plain_host_value()
-                    raise RegistryUnavailable(f"etcd: {self.host_dir} was a plain value") from None
+                    raise HostDirReplaced(f"etcd: {self.host_dir} was a plain value") from None
                 elif ancestor is not None:
                     raise self._blocked() from None
         raise RegistryUnavailable(f"etcd: could not write {key}: the tree kept changing under it")
@@ -1276,6 +1301,7 @@ class Reconciler:
         self._refresh = Timer(config.ttl / 3, due_now=False) if config.ttl else None
         self._failures = RetrySchedule()
         self._down: str | None = None  # what failed last, until it works again
+        self._error_said = 0.0  # when an error that waits for an operator was last logged
         self.full_reconciles = 0
         # containers whose record etcd refused: retried alone, with a backoff of their own
         self._refused: dict[str, Refusal] = {}
@@ -1321,6 +1347,8 @@ class Reconciler:
         while not self.stop.is_set():
             try:
                 self._step()
+            except HostDirReplaced:
+                self._note_full(f"host directory {self.registry.host_dir} was (re)created")
             except Unavailable as exc:
                 if isinstance(exc, RegistryUnavailable):
                     # A request that timed out may still have been applied, and etcd may have been
@@ -1335,6 +1363,12 @@ class Reconciler:
 
     def _back_off(self, cause: str, level: int = logging.WARNING) -> None:
         delay = self._failures.next_delay()
+        if level >= logging.ERROR:  # waits for an operator: said again once a minute, not per retry
+            now = time.monotonic()
+            if cause == self._down and now - self._error_said < 60:
+                level = logging.DEBUG
+            else:
+                self._error_said = now
         with self._cond:
             pending = len(self._dirty)
         log_event(level,
@@ -1660,7 +1694,9 @@ class Reconciler:
             entry = previous.get(key_container_id(key))
             try:
                 if entry is not None and entry.key == key:  # its removal was pending: say what it was
-                    self._unregister(entry, "container stopped or gone", prune=False)
+                    running = entry.container_id in listed
+                    self._unregister(entry, "container no longer runs or publishes a port" if running
+                                     else "container stopped or gone", prune=False)
                     return
                 self._delete(key)
             except RecordRefused:
@@ -1742,6 +1778,7 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
         try:
             stream = engine.events(since)
         except Unavailable as exc:
+            reconciler.set_events_connected(False)  # Docker did not answer: nobody vouches now
             delay = failures.next_delay()
             what = "waiting for Docker" if not ever_connected else "reconnecting to Docker"
             log_event(logging.WARNING, f"{what}: {exc}; retrying in {delay:.1f} s",
@@ -1766,9 +1803,12 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
                     reconciler.mark_dirty(*target)
                 if failures.failures and time.monotonic() - opened >= MIN_STREAM_SECONDS:
                     failures.reset()
-        except Exception as exc:  # the connection broke: reconnect
+        except Exception as exc:  # the connection broke: Docker may be gone
             cause = describe(exc)
-        reconciler.set_events_connected(False)
+            reconciler.set_events_connected(False)
+        # A stream Docker closed cleanly says nothing of Docker itself: the next subscription
+        # tells. Meanwhile the reconciler goes on (each subscription brings a full reconcile, so a
+        # stream that a proxy keeps closing still leaves the records right).
         if stop.is_set():
             break
         lived = time.monotonic() - opened

@@ -108,6 +108,15 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
     ({**GOOD, "REGISTER_PREFIX": "/reg istered"}, [],
      f"REGISTER_PREFIX='/reg istered' has a character, ' ', that does not belong in an etcd key path; "
      f"{PREFIX_EXPECTED}"),
+    ({**GOOD, "REGISTER_PREFIX": "/registered/_hidden"}, [],
+     "REGISTER_PREFIX='/registered/_hidden' has a segment, '_hidden', that starts with _, which etcd v2 "
+     f"hides from listings; {PREFIX_EXPECTED}"),
+    ({**GOOD, "HOST_IP": "0.1.2.3"}, [],
+     "HOST_IP='0.1.2.3' is in 0.0.0.0/8, which means this network, not a host others can reach; "
+     f"{HOST_IP_EXPECTED}"),
+    ({**GOOD, "DOCKER_HOST": "tcp://docker host:2375"}, [],
+     "DOCKER_HOST='tcp://docker host:2375' has a host, 'docker host', that is neither an IP address nor a "
+     f"host name; {DOCKER_EXPECTED}"),
     ({**GOOD, "REGISTER_PREFIX": "/a%2F.."}, [],
      f"REGISTER_PREFIX='/a%2F..' has a character, '%', that does not belong in an etcd key path; "
      f"{PREFIX_EXPECTED}"),
