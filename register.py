@@ -1560,7 +1560,7 @@ class Reconciler:
         try:
             self.registry.delete(key)
         except RecordRefused as exc:
-            log_event(logging.WARNING, f"could not remove {key}: {exc}; the next full reconcile "
+            log_event(logging.WARNING, f"could not remove {shown(key)}: {exc}; the next full reconcile "
                       "tries again", event="refused", key=key, cause=str(exc))
             raise
 
