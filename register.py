@@ -1539,12 +1539,9 @@ class Reconciler:
         said once (and again if the reason changes), not at every attempt."""
         with self._cond:
             previous = self._refused.get(entry.container_id)
-            if previous is not None and previous.armed:
-                due = previous.due
-            else:
-                schedule = previous.schedule if previous else RetrySchedule(cap=REFUSED_RETRY_CAP)
-                due = time.monotonic() + schedule.next_delay()
-            schedule = previous.schedule if previous else schedule
+            schedule = previous.schedule if previous else RetrySchedule(cap=REFUSED_RETRY_CAP)
+            armed = previous is not None and previous.armed  # the next attempt is set already
+            due = previous.due if armed else time.monotonic() + schedule.next_delay()
             delay = max(0.0, due - time.monotonic())
             self._refused[entry.container_id] = Refusal(schedule, due, str(exc))
             self._cond.notify()
@@ -1555,14 +1552,6 @@ class Reconciler:
                   f"{REFUSED_RETRY_CAP:.0f} s), the others are not held back", event="refused",
                   container=entry.name, id=entry.container_id[:12], image=entry.image, cause=str(exc),
                   retry_in=round(delay, 3), key=entry.key)
-
-    def _delete(self, key: str) -> None:
-        try:
-            self.registry.delete(key)
-        except RecordRefused as exc:
-            log_event(logging.WARNING, f"could not remove {shown(key)}: {exc}; the next full reconcile "
-                      "tries again", event="refused", key=key, cause=str(exc))
-            raise
 
     def _refusal_pending(self, container_id: str) -> bool:
         with self._cond:
@@ -1577,7 +1566,7 @@ class Reconciler:
                 self._warned.pop(container_id, None)
 
     def _unregister(self, entry: Entry, why: str, prune: bool = True) -> None:
-        self._delete(entry.key)
+        self.registry.delete(entry.key)
         log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
                   f"ports {entry.ports}: {why}", event="removed", container=entry.name,
                   id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
@@ -1680,28 +1669,24 @@ class Reconciler:
         puts = [entry for entry in changed if not self._refusal_pending(entry.container_id)]
         stale = [key for key in actual.leaves
                  if key not in desired and key_container_id(key) not in unknown]
-        refused_puts, refused_deletes = [], []
+        refused = []
 
         def put(entry: Entry) -> None:
             try:
                 self._register(entry, entry if entry.key in actual.leaves else None)
             except RecordRefused:
-                refused_puts.append(entry.key)
+                refused.append(entry.key)
                 return
             self.known[entry.container_id] = entry
 
         def delete(key: str) -> None:
             entry = previous.get(key_container_id(key))
-            try:
-                if entry is not None and entry.key == key:  # its removal was pending: say what it was
-                    running = entry.container_id in listed
-                    self._unregister(entry, "container no longer runs or publishes a port" if running
-                                     else "container stopped or gone", prune=False)
-                    return
-                self._delete(key)
-            except RecordRefused:
-                refused_deletes.append(key)
+            if entry is not None and entry.key == key:  # its removal was pending: say what it was
+                running = entry.container_id in listed
+                self._unregister(entry, "container no longer runs or publishes a port" if running
+                                 else "container stopped or gone", prune=False)
                 return
+            self.registry.delete(key)
             log_event(logging.INFO, f"removed stale {describe_record(key, actual.leaves[key])}: "
                       "no such running container", event="removed", key=key)
 
@@ -1720,15 +1705,14 @@ class Reconciler:
             self.registry.prune_host_dir()
         self.full_reconciles += 1
         routine = reasons == ["periodic resync"] and not puts and not stale
-        written, removed = len(puts) - len(refused_puts), len(stale) - len(refused_deletes)
+        written = len(puts) - len(refused)
         waiting = len(changed) - written
         log_event(logging.DEBUG if routine else logging.INFO,
                   f"full reconcile ({', '.join(reasons)}): {len(desired)} record(s), "
-                  f"{written} written, {removed} removed, {len(desired) - len(changed)} already right, "
+                  f"{written} written, {len(stale)} removed, {len(desired) - len(changed)} already right, "
                   + (f"{waiting} refused by etcd and retried alone, " if waiting else "")
-                  + (f"{len(refused_deletes)} removal(s) refused, " if refused_deletes else "")
                   + f"in {time.monotonic() - started:.2f} s",
-                  event="reconciled", records=len(desired), written=written, removed=removed,
+                  event="reconciled", records=len(desired), written=written, removed=len(stale),
                   refused=waiting)
 
 

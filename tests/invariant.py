@@ -30,7 +30,7 @@ def record(fault: str, seconds: float) -> None:
 # What every warning or error line must say: what happens next.
 NEXT_STEPS = ("retrying in", "reconnecting", "re-registering everything", "treated as publishing nothing",
               "left as it is until the next resync", "expire within", "it expires with its TTL",
-              "retrying this container alone in", "not registered", "the next full reconcile tries again",
+              "retrying this container alone in", "not registered",
               "(fine for a single-host demo)", "only hosts on the same link")
 
 
