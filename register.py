@@ -720,10 +720,13 @@ def _desired_entry(inspect: Mapping, host_ip: str, prefix: str, max_bytes: int |
         if size > max_bytes:
             raise RecordTooLarge(f"its record would take {size} bytes for {len(records)} published "
                                  f"port(s), over REGISTER_MAX_RECORD_BYTES={max_bytes}")
-    value = json.dumps([
-        {"container": container_id, "image": image_part, "ip": ip, "public_port": str(public),
-         "private_port": str(private), "port_type": kind}
-        for private, kind, ip, public in records], separators=(",", ":"))
+    # The bytes json.dumps(..., separators=(",", ":")) would give, without a dict per port (131,070
+    # ports would cost 50 MB of them): every field is plain ASCII that JSON escapes nowhere (a hex
+    # id, an image part of key characters, an address, digits, tcp/udp/sctp).
+    value = "[" + ",".join(
+        f'{{"container":"{container_id}","image":"{image_part}","ip":"{ip}","public_port":"{public}",'
+        f'"private_port":"{private}","port_type":"{kind}"}}'
+        for private, kind, ip, public in records) + "]"
     return Entry(container_id, container_name(inspect), image,
                  f"{prefix}/{host_ip}/{image_part}/{container_id}", value, ports_summary(records))
 
@@ -1467,7 +1470,8 @@ class Reconciler:
     # -- desired state ---------------------------------------------------------------------
 
     def _desired(self, container_id: str, stopped: bool = False, listed: dict | None = None):
-        """Entry, None (no record wanted) or UNKNOWN (Docker could not tell this time).
+        """Entry, None (no record wanted) or UNKNOWN (its record is left as it is this time:
+        Docker could not tell, or etcd refused the record and its next attempt is not due).
 
         A container whose latest event says it stopped wants no record, and is not inspected:
         Docker answers an inspect only once it has torn the container's network down (about
@@ -1476,6 +1480,8 @@ class Reconciler:
         """
         if stopped:
             return None
+        if self._refusal_pending(container_id):  # etcd refused its record: it waits for its turn
+            return UNKNOWN
         inspect = listed
         if inspect is None:
             try:

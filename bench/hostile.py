@@ -4,7 +4,8 @@
 
 Starts a dockerd and an etcd of its own (tests/testbed.py) and 20 ordinary containers publishing a
 port, then runs register.py in four scenarios, each for `--window` seconds after its first full
-reconcile, sampling its RSS every 0.2 s and its CPU time (utime + stime from /proc):
+reconcile, sampling its RSS every 0.2 s and its CPU time (utime + stime from /proc), and killing
+one more container a second into the window (its record must go):
 
 - plain: the 20 ordinary containers only;
 - 30,000 ports: plus a host-network container exposing ports 1-30000 (a 5.7 MB record, over the
@@ -15,8 +16,8 @@ reconcile, sampling its RSS every 0.2 s and its CPU time (utime + stime from /pr
 
 With `--before REV` the same scenarios run side by side with register.py as it was at git revision
 REV (default: e57c980, the last one before the record size limit), in the same session. It prints
-a markdown table of medians over `--runs` runs: peak RSS, CPU as a share of one core, and whether
-the 20 ordinary records were all in etcd at the end of the window.
+a markdown table of medians over `--runs` runs: peak RSS, CPU as a share of one core, the ordinary
+records in etcd at the end of the window, and in how many runs the killed container's record went.
 """
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ SCENARIOS = (  # name, --expose arguments of the hostile container, extra settin
 
 
 def measure(workdir: Path, engine: DockerEngine, etcd_server: EtcdServer, script: Path, prefix: str,
-            settings: dict, window: float) -> tuple[float, float, int]:
-    """(peak RSS in MiB, CPU share of one core, ordinary records present) over the window."""
+            settings: dict, window: float) -> tuple[float, float, int, bool]:
+    """(peak RSS in MiB, CPU share of one core, ordinary records present, whether the record of a
+    container killed a second into the window was removed) over the window."""
+    leaving = engine.out("run", "-d", "-p", "80", BASE_IMAGE)
     env = {**engine.env, "ETCD_ENDPOINT": etcd_server.endpoint, "HOST_IP": HOST, "REGISTER_PREFIX": prefix,
            "REGISTER_RESYNC": "5", "LOG_LEVEL": "info", **settings}
     registrar = Registrar(workdir, env, script=script).start()
@@ -57,16 +60,22 @@ def measure(workdir: Path, engine: DockerEngine, etcd_server: EtcdServer, script
         wait_until(lambda: "full reconcile" in registrar.log or "retrying in" in registrar.log, 60,
                    "the first full reconcile")
         pid = registrar.process.pid
-        began, cpu, peak = time.monotonic(), cpu_seconds(pid), 0
+        began, cpu, peak, killed = time.monotonic(), cpu_seconds(pid), 0, False
         while time.monotonic() - began < window:
             peak = max(peak, rss_kib(pid))
+            if not killed and time.monotonic() - began > 1:
+                engine.docker("kill", leaving)
+                killed = True
             time.sleep(0.2)
         share = (cpu_seconds(pid) - cpu) / (time.monotonic() - began)
         records = read_tree(etcd_server.client(), f"{prefix}/{HOST}")
-        ordinary = sum(1 for value in records.values() if value.count('"private_port"') == 1)
-        return peak / 1024, share, ordinary
+        removed = not any(key.endswith(leaving) for key in records)
+        ordinary = sum(1 for key, value in records.items()
+                       if value.count('"private_port"') == 1 and not key.endswith(leaving))
+        return peak / 1024, share, ordinary, removed
     finally:
         registrar.kill()
+        engine.docker("rm", "-f", leaving)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
                                        check=True, capture_output=True).stdout)
         versions[f"register.py at {args.before}"] = old
     engine, etcd_server = DockerEngine(workdir, "hostile"), EtcdServer(workdir, "hostile")
-    results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, float, int, bool]]] = {}
     try:
         engine.start()
         engine.build_images()
@@ -104,21 +113,27 @@ def main(argv: list[str] | None = None) -> None:
                                       args.window)
                     results.setdefault((name, version), []).append(figures)
                     print(f"{name:32} {version:28} RSS {figures[0]:6.1f} MiB  CPU {figures[1]:6.1%}  "
-                          f"ordinary records {figures[2]}/{ORDINARY}", flush=True)
+                          f"ordinary records {figures[2]}/{ORDINARY}  stopped one removed: {figures[3]}",
+                          flush=True)
                 if hostile:
                     engine.docker("rm", "-f", hostile)
     finally:
         etcd_server.stop()
         engine.stop()
+        for mount in [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]:
+            if mount.startswith(f"{workdir}/"):  # the engine's netns file may stay mounted
+                subprocess.run(["umount", "-l", mount], check=False)
         subprocess.run(["rm", "-rf", str(workdir)], check=False)
     print(f"\n| scenario ({ORDINARY} ordinary containers) | version | peak RSS | CPU (one core) | "
-          f"ordinary records in etcd |")
-    print("|---|---|---|---|---|")
+          f"ordinary records in etcd | a stopped container's record removed |")
+    print("|---|---|---|---|---|---|")
     for (name, version), runs in results.items():
         rss = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[1] for r in runs)
         records = min(r[2] for r in runs)
-        print(f"| {name} | {version} | {rss:.1f} MiB | {cpu:.1%} | {records}/{ORDINARY} |")
+        removed = sum(r[3] for r in runs)
+        print(f"| {name} | {version} | {rss:.1f} MiB | {cpu:.1%} | {records}/{ORDINARY} | "
+              f"{removed} of {len(runs)} runs |")
 
 
 if __name__ == "__main__":
