@@ -1298,6 +1298,9 @@ class Reconciler:
         # containers whose latest event said they stopped, while Docker's list may still show them
         # running (it lags behind the event by the teardown): the list is not trusted for them
         self._stopped_lately: set[str] = set()
+        # containers known to run (their latest event was a start, or the container list shows
+        # them) -> since when: network events matter only to these
+        self._running: dict[str, float] = {}
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
@@ -1316,10 +1319,22 @@ class Reconciler:
 
     def mark_dirty(self, container_id: str, stopped: bool | None = False) -> None:
         """A container to look at; `stopped` when its latest event says it is no longer running,
-        None when the event says nothing of that (a network change): the latest that did holds."""
+        None when the event says nothing of that (a network change).
+
+        A network change matters only to a container known to run: `docker run` connects the
+        container's networks before it starts it, and `docker stop` disconnects them after it died,
+        and looking at those would only cost an inspect per start (and slow the start's record
+        down) or undo what the die said.
+        """
         with self._cond:
             if stopped is None:
-                stopped = self._dirty.get(container_id, container_id in self._stopped_lately)
+                if container_id not in self._running:
+                    return
+                stopped = self._dirty.get(container_id, False)
+            if stopped:
+                self._running.pop(container_id, None)
+            elif container_id in self._running or len(self._running) < self.MAX_DIRTY:
+                self._running[container_id] = time.monotonic()
             if len(self._dirty) >= self.MAX_DIRTY and container_id not in self._dirty:
                 self._dirty.clear()
                 self._full_reasons.setdefault(f"more than {self.MAX_DIRTY} containers pending")
@@ -1653,6 +1668,11 @@ class Reconciler:
                   for c in self.engine.running()}
         with self._cond:  # those the list no longer shows: it has caught up with their events
             self._stopped_lately &= listed.keys() | (self._stopped_lately - lately)
+            for container_id in listed.keys() - lately:
+                self._running.setdefault(container_id, started)
+            for container_id, since in list(self._running.items()):
+                if container_id not in listed and since < started:  # stopped unseen, or gone
+                    del self._running[container_id]
         ids = [*listed, *(cid for cid, stopped in dirty.items() if cid not in listed and not stopped)]
         with self._cond:
             gone = (self._refused.keys() | self._warned.keys()) - set(ids)

@@ -371,14 +371,18 @@ def test_a_refused_record_is_retried_alone_with_its_own_backoff_and_said_once(ca
         "held back"]
 
 
-def test_a_network_event_after_a_die_keeps_the_container_stopped():
+def test_network_events_matter_only_to_containers_known_to_run():
     worker = reconciler(config(ttl=0))
-    worker.mark_dirty("c" * 64, stopped=True)  # die
-    worker.mark_dirty("c" * 64, stopped=None)  # then Docker's network disconnect
-    assert worker._dirty == {"c" * 64: True}
+    cid = "c" * 64
+    worker.mark_dirty(cid, stopped=None)  # docker run connects the networks before the start
+    assert worker._dirty == {}  # no inspect of a container that is only being created
+    worker.mark_dirty(cid)  # start
     worker._dirty.clear()
-    worker.mark_dirty("c" * 64, stopped=None)  # one more, after the die was handled
-    assert worker._dirty == {"c" * 64: True}
-    worker.mark_dirty("c" * 64)  # start
-    worker.mark_dirty("c" * 64, stopped=None)  # network connect of a running container: look again
-    assert worker._dirty == {"c" * 64: False}
+    worker.mark_dirty(cid, stopped=None)  # a network connect or disconnect while it runs: look again
+    assert worker._dirty == {cid: False}
+    worker.mark_dirty(cid, stopped=True)  # die
+    worker.mark_dirty(cid, stopped=None)  # then Docker's network disconnect: the die holds
+    assert worker._dirty == {cid: True}
+    worker._dirty.clear()
+    worker.mark_dirty(cid, stopped=None)  # one more, after the die was handled: nothing to do
+    assert worker._dirty == {}
