@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import docker
+import requests
 from testbed import BASE_IMAGE, DockerEngine
 
 
@@ -248,6 +249,63 @@ class OddDocker:
     @property
     def host(self) -> str:
         return f"unix://{self.path}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class RefusingEtcd:
+    """etcd's HTTP API on a loopback port of its own, forwarded to a real etcd, except that while
+    `refuse` holds a key, every PUT of exactly that key is answered as etcd answers a client
+    without permission (HTTP 403, error code 110): what a role without write access looks like."""
+
+    def __init__(self, upstream: str):
+        proxy = self
+        self.refuse: str | None = None
+        self.refused = 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                if self.command == "PUT" and proxy.refuse and path == f"/v2/keys{proxy.refuse}":
+                    proxy.refused += 1
+                    self._send(403, json.dumps({"errorCode": 110, "message": "The request requires user "
+                                                "authentication", "cause": "Insufficient credentials",
+                                                "index": 0}).encode())
+                    return
+                answer = requests.request(self.command, upstream + self.path, data=body, timeout=10,
+                                          headers={"Content-Type": self.headers.get("Content-Type", "")})
+                self._send(answer.status_code, answer.content, answer.headers)
+
+            def _send(self, status: int, body: bytes, headers=None) -> None:
+                self.send_response(status)
+                for name in ("Content-Type", "X-Etcd-Index", "X-Etcd-Cluster-Id", "X-Raft-Index",
+                             "X-Raft-Term"):
+                    if headers is not None and name in headers:
+                        self.send_header(name, headers[name])
+                if headers is None:
+                    self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_PUT = do_DELETE = do_POST = _forward
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
 
     def close(self) -> None:
         self._server.shutdown()

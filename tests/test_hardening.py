@@ -20,7 +20,7 @@ from pathlib import Path
 import etcd
 import pytest
 import requests
-from faults import OddDocker, rss_kib
+from faults import OddDocker, RefusingEtcd, rss_kib
 from invariant import Invariant, assert_log_is_clean, expected_value
 from test_integration import IMAGE, converge, host_port, rec, val
 from testbed import BASE_IMAGE, HOST, REGISTER, free_port, read_tree, wait_until
@@ -234,6 +234,28 @@ def test_a_plain_value_at_or_above_the_prefix_waits_for_an_operator(docker, own_
     check = Invariant(docker, client, prefix, HOST, ttl=bool(ttl))
     check.wait(30, r)
     assert "Traceback" not in r.log
+
+
+def test_etcd_refusing_the_host_directory_is_one_error_until_an_operator_grants_it(docker, own_etcd,
+                                                                                 registrar, prefix):
+    proxy = RefusingEtcd(own_etcd.url)  # answers like etcd for a role without write access
+    proxy.refuse = f"{prefix}/{HOST}"
+    try:
+        start(docker, "-p", "80")
+        r = registrar(endpoint=proxy.endpoint)
+        wait_until(lambda: proxy.refused >= 3, 30, "three refused attempts")
+        message = (f"etcd refused a request for '{prefix}/{HOST}': The request requires user authentication "
+                   ": Insufficient credentials (HTTP 403); an operator should check what etcd lets this "
+                   f"client do under {prefix}/ (permissions, limits)")
+        errors = log_lines(r.log, "error")  # said once a minute, each retry in between at debug level
+        assert len(errors) == 1 and re.fullmatch(re.escape(message) + r"; \d+ container\(s\) pending; "
+                                                 r"retrying in [0-9.]+ s", errors[0]), errors
+        assert r.log.count(message) >= 3 and r.process.poll() is None
+        proxy.refuse = None  # the operator grants the role
+        Invariant(docker, own_etcd.client(), prefix, HOST).wait(30, r)
+        assert "Traceback" not in r.log
+    finally:
+        proxy.close()
 
 
 def test_unknown_keys_and_directories_in_the_host_directory_are_removed(docker, own_etcd, registrar, prefix):
