@@ -1732,13 +1732,15 @@ class Reconciler:
         self.full_reconciles += 1
         routine = reasons == ["periodic resync"] and not puts and not stale
         written = len(puts) - len(refused)
-        waiting = len(changed) - written
+        with self._cond:  # refused earlier, not due yet: left as they are (UNKNOWN) this time
+            held = sum(1 for cid in unknown if cid in self._refused)
+        waiting = len(changed) - written + held
         log_event(logging.DEBUG if routine else logging.INFO,
-                  f"full reconcile ({', '.join(reasons)}): {len(desired)} record(s), "
+                  f"full reconcile ({', '.join(reasons)}): {len(desired) + held} record(s), "
                   f"{written} written, {len(stale)} removed, {len(desired) - len(changed)} already right, "
                   + (f"{waiting} refused by etcd and retried alone, " if waiting else "")
                   + f"in {time.monotonic() - started:.2f} s",
-                  event="reconciled", records=len(desired), written=written, removed=len(stale),
+                  event="reconciled", records=len(desired) + held, written=written, removed=len(stale),
                   refused=waiting)
 
 
