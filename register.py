@@ -118,7 +118,8 @@ HOSTNAME_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?
 # resolves "." and ".." segments, so anything else could land outside the prefix
 KEY_SEGMENT_RE = re.compile(r"[A-Za-z0-9._:@+-]+")  # + for digest algorithms
 # scheme://credentials@ in a word of a message: never printed
-CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)?[^\s'\"=]*@")
+SCHEME = r"[A-Za-z][A-Za-z0-9+.-]*://"
+CREDENTIALS_RE = re.compile(rf"({SCHEME})?[^\s'\"=]*@")
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,7 @@ def mask_credentials(text: str) -> str:
     if "@" not in text:
         return text
     head, _, tail = text.rpartition("@")
-    scheme = re.match(r"\s*[A-Za-z][A-Za-z0-9+.-]*://", head)
+    scheme = re.match(rf"\s*{SCHEME}", head)
     return f"{scheme.group(0) if scheme else ''}***@{tail}"
 
 
@@ -210,15 +211,20 @@ def _parse_endpoint(item: str) -> Endpoint:
     host = parts.hostname or ""
     if not host:
         raise ValueError("has no host")
+    address = _host_address(host)
+    if address is not None and address.version == 6:
+        host = f"[{address}]"  # python-etcd writes host:port as it is given
+    return Endpoint(parts.scheme, host, port or DEFAULT_ETCD_PORT)
+
+
+def _host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` spells, None for a host name; raises ValueError when it is neither."""
     try:
-        address = ipaddress.ip_address(host)
+        return ipaddress.ip_address(host)
     except ValueError:
         if not HOSTNAME_RE.fullmatch(host):
             raise ValueError(f"has a host, {host!r}, that is neither an IP address nor a host name") from None
-    else:
-        if address.version == 6:
-            host = f"[{address}]"  # python-etcd writes host:port as it is given
-    return Endpoint(parts.scheme, host, port or DEFAULT_ETCD_PORT)
+        return None
 
 
 def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
@@ -320,13 +326,7 @@ def parse_docker_host(text: str) -> str:
             raise ValueError("has a port out of range 1-65535") from None
         raise ValueError("has a port that is not a number") from None
     if scheme in ("tcp", "http", "https"):
-        host = urlsplit(text if "://" in text else f"tcp://{text}").hostname or ""
-        try:
-            ipaddress.ip_address(host)
-        except ValueError:
-            if not HOSTNAME_RE.fullmatch(host):
-                raise ValueError(f"has a host, {host!r}, that is neither an IP address nor a host "
-                                 "name") from None
+        _host_address(urlsplit(text if "://" in text else f"tcp://{text}").hostname or "")
     return text
 
 
@@ -642,15 +642,20 @@ def container_name(inspect: Mapping) -> str:
 class RecordTooLarge(RecordError):
     """The container's record would be larger than REGISTER_MAX_RECORD_BYTES."""
 
+    @classmethod
+    def of(cls, size: int, ports: int, max_bytes: int) -> RecordTooLarge:
+        return cls(f"its record would take {size} bytes for {ports} published port(s), over "
+                   f"REGISTER_MAX_RECORD_BYTES={max_bytes}")
+
 
 # One object of a value without its variable parts: their lengths are added to it
 RECORD_OBJECT_BYTES = len('{"container":"","image":"","ip":"","public_port":"","private_port":"",'
                           '"port_type":""}')
 
 
-def record_bytes(records: list[tuple[int, str, str, int]], container_id: str, image_part: str) -> int:
-    """The length of the value these records make, computed without making it (every character
-    of a record is plain ASCII, so JSON escapes none)."""
+def record_bytes(records: Iterable[tuple], container_id: str, image_part: str) -> int:
+    """The length of the value these (private, type, ip, public) records make, computed without
+    making it (every character of a record is plain ASCII, so JSON escapes none)."""
     fixed = RECORD_OBJECT_BYTES + len(container_id) + len(image_part)
     return 1 + sum(fixed + 1 + len(ip) + len(str(public)) + len(str(private)) + len(kind)
                    for private, kind, ip, public in records)
@@ -669,17 +674,16 @@ def _host_mode_size(inspect: Mapping, host_ip: str, container_id: str) -> tuple[
     if (inspect.get("HostConfig") or {}).get("NetworkMode") != "host" or not isinstance(exposed, Mapping) \
             or len(exposed) < 1000:
         return None
-    try:
-        image_part = image_key(config.get("Image"))
-    except RecordError:
-        return None
-    fixed = RECORD_OBJECT_BYTES + len(container_id) + len(image_part) + len(host_ip) + 1
-    size = 1
-    for name in exposed:  # distinct names in Docker's spelling are distinct records
+    def record(name: object) -> tuple[str, str, str, str]:
         match = CANONICAL_PORT_KEY_RE.fullmatch(name) if isinstance(name, str) else None
         if not match or int(match.group(1)) > 65535:
-            return None
-        size += fixed + 2 * len(match.group(1)) + len(match.group(2))
+            raise RecordError(f"port {name!r} is not in Docker's spelling")
+        return match.group(1), match.group(2), host_ip, match.group(1)
+
+    try:  # distinct names in Docker's spelling are distinct records: no set of them is needed
+        size = record_bytes(map(record, exposed), container_id, image_key(config.get("Image")))
+    except RecordError:
+        return None
     return size, len(exposed)
 
 
@@ -708,8 +712,7 @@ def _desired_entry(inspect: Mapping, host_ip: str, prefix: str, max_bytes: int |
         return None
     counted = _host_mode_size(inspect, host_ip, container_id) if max_bytes is not None else None
     if counted is not None and counted[0] > max_bytes:
-        raise RecordTooLarge(f"its record would take {counted[0]} bytes for {counted[1]} published "
-                             f"port(s), over REGISTER_MAX_RECORD_BYTES={max_bytes}")
+        raise RecordTooLarge.of(*counted, max_bytes)
     records = port_records(inspect, host_ip)
     if not records:
         return None
@@ -718,8 +721,7 @@ def _desired_entry(inspect: Mapping, host_ip: str, prefix: str, max_bytes: int |
     if max_bytes is not None:
         size = record_bytes(records, container_id, image_part)
         if size > max_bytes:
-            raise RecordTooLarge(f"its record would take {size} bytes for {len(records)} published "
-                                 f"port(s), over REGISTER_MAX_RECORD_BYTES={max_bytes}")
+            raise RecordTooLarge.of(size, len(records), max_bytes)
     # The bytes json.dumps(..., separators=(",", ":")) would give, without a dict per port (131,070
     # ports would cost 50 MB of them): every field is plain ASCII that JSON escapes nowhere (a hex
     # id, an image part of key characters, an address, digits, tcp/udp/sctp).
@@ -892,9 +894,14 @@ class HostScope:
     def __init__(self, prefix: str, host_ip: str):
         self.prefix = prefix
         self.host_dir = f"{prefix}/{host_ip}"
-        segments = self.host_dir[1:].split("/")
-        if not all(KEY_SEGMENT_RE.fullmatch(s) and s not in (".", "..") for s in segments):
+        if not self._clean(self.host_dir[1:]):
             raise OutsideScope(f"{self.host_dir!r} is not a clean etcd path")
+
+    @staticmethod
+    def _clean(path: str, found: bool = False) -> bool:
+        """No empty, `.` or `..` segment; only key characters unless `found`."""
+        return all(segment not in ("", ".", "..") and (found or KEY_SEGMENT_RE.fullmatch(segment))
+                   for segment in path.split("/"))
 
     def check(self, key: str, host_dir: bool = False, found: bool = False) -> str:
         """The URL form of `key` when it is this host's to change; raises OutsideScope otherwise.
@@ -902,11 +909,8 @@ class HostScope:
         if key == self.host_dir:
             if host_dir:
                 return key
-        elif key.startswith(self.host_dir + "/"):
-            segments = key[len(self.host_dir) + 1:].split("/")
-            if all(segment not in ("", ".", "..") and (found or KEY_SEGMENT_RE.fullmatch(segment))
-                   for segment in segments):
-                return urllib.parse.quote(key, safe="/:@+")
+        elif key.startswith(self.host_dir + "/") and self._clean(key[len(self.host_dir) + 1:], found):
+            return urllib.parse.quote(key, safe="/:@+")
         raise OutsideScope(f"refusing to change {printable(key)}: not a clean key inside {self.host_dir}/")
 
     def ancestors(self, key: str) -> list[str]:
@@ -1022,8 +1026,9 @@ class EtcdRegistry:
             except etcd.EtcdAlreadyExist:
                 pass
             except etcd.EtcdNotDir:  # a plain value above it: not ours to delete
-                if self._plain_ancestor(self.host_dir):
-                    raise self._blocked() from None
+                ancestor = self._plain_ancestor(self.host_dir)
+                if ancestor:
+                    raise self._blocked(ancestor) from None
                 continue
             try:
                 node = self._call(lambda c: c.read(self.host_dir), self.host_dir)
@@ -1051,20 +1056,22 @@ class EtcdRegistry:
                 self._write(self.host_dir, lambda c, k: c.write(k, None, dir=True, prevExist=True),
                             host_dir=True)
         except etcd.EtcdNotDir:
-            if self._plain_ancestor(self.host_dir):
-                raise self._blocked() from None
+            ancestor = self._plain_ancestor(self.host_dir)
+            if ancestor:
+                raise self._blocked(ancestor) from None
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotFile):
             pass  # gone meanwhile: the first record creates it, without a TTL
         return False
 
-    def _replace_plain_host_value(self) -> None:
+    def _replace_plain_host_value(self, say: bool = True) -> None:
         """A plain value where this host's directory belongs: the key is this host's own."""
         with contextlib.suppress(etcd.EtcdKeyNotFound):
             self._write(self.host_dir, lambda c, k: c.delete(k), host_dir=True)
         self._dir_ready = False
-        log_event(logging.WARNING, f"replaced the plain value at {self.host_dir}, where this host's "
+        if say:
+            log_event(logging.WARNING, f"replaced the plain value at {self.host_dir}, where this host's "
                   "directory belongs; re-registering everything", event="host_value_replaced",
-                  key=self.host_dir)
+                      key=self.host_dir)
 
     def _plain_ancestor(self, key: str) -> str | None:
         """The directory above `key` that holds a plain value instead, if any (etcd's "not a
@@ -1078,8 +1085,8 @@ class EtcdRegistry:
                 return ancestor
         return None
 
-    def _blocked(self) -> RegistryBlocked:
-        ancestor = self._plain_ancestor(self.host_dir) or self.scope.prefix
+    def _blocked(self, ancestor: str) -> RegistryBlocked:
+        """A plain value at `ancestor`, at or above the prefix: an operator's to remove."""
         return RegistryBlocked(
             f"etcd: {ancestor} holds a plain value, so nothing can be registered under "
             f"{self.host_dir}/; it is not this registrar's to delete: an operator should remove it "
@@ -1100,9 +1107,7 @@ class EtcdRegistry:
             return "had expired or lost its TTL"
         previous = getattr(result, "_prev_node", None)
         if previous is not None and not previous.dir:
-            with contextlib.suppress(etcd.EtcdKeyNotFound):
-                self._write(self.host_dir, lambda c, k: c.delete(k), host_dir=True)
-            self._dir_ready = False
+            self._replace_plain_host_value(say=False)  # the caller says it, with what follows
             return "had been replaced by a plain value, now removed"
         if previous is None or previous.ttl is None:
             self._dir_ready = False
@@ -1144,7 +1149,7 @@ class EtcdRegistry:
                     self._replace_plain_host_value()
                     raise HostDirReplaced(f"etcd: {self.host_dir} was a plain value") from None
                 elif ancestor is not None:
-                    raise self._blocked() from None
+                    raise self._blocked(ancestor) from None
         raise RegistryUnavailable(f"etcd: could not write {key}: the tree kept changing under it")
 
     def delete(self, key: str) -> None:
@@ -1257,6 +1262,10 @@ class DockerEngine:
 # ---------------------------------------------------------------------------------------------
 
 UNKNOWN = object()  # a container Docker failed to describe this time: leave its record as it is
+
+
+def removal_reason(running: bool) -> str:
+    return "container no longer runs or publishes a port" if running else "container stopped or gone"
 
 
 class Refusal(NamedTuple):
@@ -1607,8 +1616,7 @@ class Reconciler:
                 self._register(want, have)
             self.known[container_id] = want
         if have is not None and (want is None or have.key != want.key):
-            why = "container stopped or gone" if stopped else "container no longer runs or publishes a port"
-            self._unregister(have, why if want is None else "key changed")
+            self._unregister(have, removal_reason(not stopped) if want is None else "key changed")
             if want is None:
                 self.known.pop(container_id, None)
 
@@ -1708,9 +1716,7 @@ class Reconciler:
         def delete(key: str) -> None:
             entry = previous.get(key_container_id(key))
             if entry is not None and entry.key == key:  # its removal was pending: say what it was
-                running = entry.container_id in listed
-                self._unregister(entry, "container no longer runs or publishes a port" if running
-                                 else "container stopped or gone", prune=False)
+                self._unregister(entry, removal_reason(entry.container_id in listed), prune=False)
                 return
             self.registry.delete(key)
             log_event(logging.INFO, f"removed stale {describe_record(key, actual.leaves[key])}: "
@@ -1813,8 +1819,6 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
                 target = event_container(event)
                 if target is not None:
                     reconciler.mark_dirty(*target)
-                if failures.failures and time.monotonic() - opened >= MIN_STREAM_SECONDS:
-                    failures.reset()
         except Exception as exc:  # the connection broke: Docker may be gone
             cause = describe(exc)
             reconciler.set_events_connected(False)
