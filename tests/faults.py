@@ -179,7 +179,20 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-class OddDocker:
+class _HttpProxy:
+    """A threaded HTTP server of a fault tool, serving in the background until closed."""
+
+    def _serve(self, server: socketserver.BaseServer) -> None:
+        self._server = server
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class OddDocker(_HttpProxy):
     """Docker's API on a unix socket of its own, forwarded to the real engine, except that the
     inspect data of chosen containers is rewritten: how an older or buggy engine might report
     them (an engine with odd data cannot be had here otherwise)."""
@@ -242,20 +255,14 @@ class OddDocker:
                 self.wfile.write(body)
 
         self.path = path
-        self._server = socketserver.ThreadingUnixStreamServer(str(path), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._serve(socketserver.ThreadingUnixStreamServer(str(path), Handler))
 
     @property
     def host(self) -> str:
         return f"unix://{self.path}"
 
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
-
-class RefusingEtcd:
+class RefusingEtcd(_HttpProxy):
     """etcd's HTTP API on a loopback port of its own, forwarded to a real etcd, except that while
     `refuse` holds a key, every PUT of exactly that key is answered as etcd answers a client
     without permission (HTTP 403, error code 110): what a role without write access looks like."""
@@ -298,15 +305,9 @@ class RefusingEtcd:
 
             do_GET = do_PUT = do_DELETE = do_POST = _forward
 
-        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._serve(socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler))
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
