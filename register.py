@@ -14,6 +14,7 @@ Sections, in reading order: configuration, logging, records (pure), retry schedu
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import importlib.util
 import ipaddress
@@ -29,7 +30,7 @@ import time
 import urllib.parse
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 from urllib.parse import urlsplit
 
@@ -37,7 +38,10 @@ import backoff
 import docker
 import docker.errors
 import etcd
+import etcd3gw
+import etcd3gw.exceptions
 import requests
+import requests.adapters
 import urllib3
 
 VERSION = "1.0.0"
@@ -68,8 +72,12 @@ SETTINGS = (
     Setting("ETCD_ENDPOINT", "--etcd-endpoint", None,
             "host:port, http://host:port or https://host:port, or a comma-separated list of them",
             "http://127.0.0.1:2379",
-            "etcd v2 API endpoint(s); a comma-separated list for a cluster; port defaults to 2379; "
+            "etcd endpoint(s); a comma-separated list for a cluster; port defaults to 2379; "
             "IPv6 in brackets ([fd00::1]:2379). Required."),
+    Setting("ETCD_API", "--etcd-api", "2",
+            "2 or 3", "3",
+            "etcd API to register with: 2 (the original's keyspace, etcdctl ls) or 3 (every current "
+            "etcd; leases). The two keyspaces are separate"),
     Setting("HOST_IP", "--host-ip", None,
             "this host's IPv4 or IPv6 address", "10.0.0.1",
             "this host's address, as other hosts reach it; the second level of every key. Required."),
@@ -87,7 +95,8 @@ SETTINGS = (
             "of published ports) is not registered, with a warning"),
     Setting("REGISTER_TTL", "--ttl", "60",
             "0 (no TTL) or a whole number of seconds from 3 up", "60",
-            "seconds the host directory outlives this service; refreshed every TTL/3; 0 turns it off"),
+            "seconds this host's keys outlive this service (v2: the host directory's TTL; v3: its "
+            "lease); refreshed every TTL/3; 0 turns it off"),
     Setting("REGISTER_RESYNC", "--resync", "60",
             "a whole number of seconds from 1 up", "60",
             "seconds between full reconciles (the safety net that repairs any drift)"),
@@ -101,6 +110,17 @@ SETTINGS = (
     Setting("ETCD_KEY_FILE", "--etcd-key-file", "",
             "a readable PEM file", "/etc/ssl/etcd/client-key.pem",
             "the client certificate's private key (with ETCD_CERT_FILE)"),
+    Setting("ETCD_USERNAME", "--etcd-username", "",
+            "an etcd user name, without spaces, colons or control characters", "registrar",
+            "etcd user to authenticate as (with ETCD_PASSWORD or ETCD_PASSWORD_FILE)"),
+    Setting("ETCD_PASSWORD_FILE", "--etcd-password-file", "",
+            "a readable file holding the password (a trailing newline is ignored)",
+            "/run/secrets/etcd-password",
+            "file holding ETCD_USERNAME's password (read again at each authentication); "
+            "ETCD_PASSWORD, in the environment only, gives it directly"),
+    Setting("ETCD_PASSWORD", "", "",
+            "the etcd user's password", "(secret)",
+            "ETCD_USERNAME's password; environment only, never a flag (it would show in ps)"),
     Setting("LOG_LEVEL", "--log-level", "info",
             "debug, info, warning or error", "info", "log verbosity"),
     Setting("LOG_FORMAT", "--log-format", "text",
@@ -148,6 +168,10 @@ class Config:
     etcd_key_file: str | None = None
     docker_host: str = DEFAULT_DOCKER_HOST
     max_record_bytes: int = 512 * 1024
+    etcd_api: int = 2
+    etcd_username: str | None = None
+    etcd_password: str | None = field(default=None, repr=False)  # never printed
+    etcd_password_file: str | None = None
 
     @property
     def host_dir(self) -> str:
@@ -357,6 +381,34 @@ def parse_file(text: str) -> str:
     return text
 
 
+def parse_username(text: str) -> str:
+    if re.search(r"[\s:\x00-\x1f\x7f]", text):
+        raise ValueError("holds a space, a colon or a control character")
+    return text
+
+
+def read_password_file(path: str) -> str:
+    """The password in `path`, without its trailing newline; raises ValueError (never naming the
+    password) when it cannot be read or is empty."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            password = file.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot be read ({exc.strerror if isinstance(exc, OSError) else 'not UTF-8'})"
+                         ) from None
+    password = password[:-1] if password.endswith("\n") else password
+    password = password[:-1] if password.endswith("\r") else password
+    if not password:
+        raise ValueError("is empty")
+    return password
+
+
+def parse_password_file(text: str) -> str:
+    parse_file(text)
+    read_password_file(text)
+    return text
+
+
 def parse_choice(choices: Iterable[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.lower() not in choices:
@@ -376,6 +428,10 @@ PARSERS: Mapping[str, Callable[[str], object]] = {
     "ETCD_CA_FILE": parse_file,
     "ETCD_CERT_FILE": parse_file,
     "ETCD_KEY_FILE": parse_file,
+    "ETCD_API": lambda text: int(parse_choice(("2", "3"))(text)),
+    "ETCD_USERNAME": lambda text: parse_username(text),
+    "ETCD_PASSWORD_FILE": lambda text: parse_password_file(text),
+    "ETCD_PASSWORD": lambda text: text,
     "LOG_LEVEL": parse_choice(LOG_LEVELS),
     "LOG_FORMAT": parse_choice(("text", "json")),
 }
@@ -383,6 +439,9 @@ PARSERS: Mapping[str, Callable[[str], object]] = {
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit code 2, as for every other bad configuration
+        if re.search(r"--etcd-password(?!-file)", message):  # what follows it may be the password
+            raise ConfigError("there is no --etcd-password flag (a password on the command line shows "
+                              "in ps); expected ETCD_PASSWORD in the environment or --etcd-password-file")
         raise ConfigError(mask_message(message))
 
 
@@ -390,11 +449,14 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG, allow_abbrev=False,
         description="Register this host's running containers and their published ports in etcd "
-                    "(v2 API) under <prefix>/<host-ip>/<image>/<container-id>, and keep them equal "
-                    "to the truth. Every setting is an environment variable and a flag; the flag "
-                    "wins. Docker is reached as the Docker CLI does (DOCKER_HOST, DOCKER_TLS_VERIFY, "
+                    "(v2 or v3 API) under <prefix>/<host-ip>/<image>/<container-id>, and keep them "
+                    "equal to the truth. Every setting is an environment variable and a flag (the "
+                    "flag wins), except ETCD_PASSWORD, which is read from the environment only. "
+                    "Docker is reached as the Docker CLI does (DOCKER_HOST, DOCKER_TLS_VERIFY, "
                     "DOCKER_CERT_PATH; the local socket by default).")
     for s in SETTINGS:
+        if not s.flag:
+            continue
         default = f" (default: {s.default})" if s.default else ""
         parser.add_argument(s.flag, dest=s.env, metavar=s.env, default=None,
                             help=f"{s.help} [env {s.env}]{default}")
@@ -410,7 +472,7 @@ def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
     args = build_arg_parser().parse_args(argv)
     values = {}
     for s in SETTINGS:
-        flag_value = getattr(args, s.env)
+        flag_value = getattr(args, s.env, None)
         if flag_value is not None:
             source, text = s.flag, flag_value
         elif s.env in environ:
@@ -426,10 +488,11 @@ def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
                 continue
             raise ConfigError(f"{source} is empty; expected {s.expected}, e.g. {source}={s.example}")
         try:
-            values[s.env] = PARSERS[s.env](text.strip())
+            values[s.env] = PARSERS[s.env](text if s.env == "ETCD_PASSWORD" else text.strip())
         except ValueError as exc:
             raise _problem(s, source, text, str(exc)) from None
     _check_tls(values)
+    _check_auth(values)
     _check_docker_tls(values["DOCKER_HOST"], environ)
     return Config(
         etcd_endpoints=values["ETCD_ENDPOINT"], host_ip=values["HOST_IP"],
@@ -439,7 +502,25 @@ def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
         etcd_ca_file=values["ETCD_CA_FILE"], etcd_cert_file=values["ETCD_CERT_FILE"],
         etcd_key_file=values["ETCD_KEY_FILE"],
         docker_host=values["DOCKER_HOST"] or DEFAULT_DOCKER_HOST,
-        max_record_bytes=values["REGISTER_MAX_RECORD_BYTES"])
+        max_record_bytes=values["REGISTER_MAX_RECORD_BYTES"], etcd_api=values["ETCD_API"],
+        etcd_username=values["ETCD_USERNAME"], etcd_password=values["ETCD_PASSWORD"],
+        etcd_password_file=values["ETCD_PASSWORD_FILE"])
+
+
+def _check_auth(values: Mapping[str, object]) -> None:
+    """A user name goes with exactly one source of its password, and a password with a user."""
+    user, password, password_file = (values["ETCD_USERNAME"], values["ETCD_PASSWORD"],
+                                     values["ETCD_PASSWORD_FILE"])
+    if password and password_file:
+        raise ConfigError("ETCD_PASSWORD and ETCD_PASSWORD_FILE are both set; expected one of them, "
+                          "e.g. ETCD_PASSWORD_FILE=/run/secrets/etcd-password")
+    if (password or password_file) and not user:
+        given = "ETCD_PASSWORD" if password else "ETCD_PASSWORD_FILE"
+        raise ConfigError(f"{given} is set but ETCD_USERNAME is not; expected both, "
+                          "e.g. ETCD_USERNAME=registrar")
+    if user and not (password or password_file):
+        raise ConfigError("ETCD_USERNAME is set but neither ETCD_PASSWORD nor ETCD_PASSWORD_FILE is; "
+                          "expected one of them, e.g. ETCD_PASSWORD_FILE=/run/secrets/etcd-password")
 
 
 def _check_docker_tls(docker_host: str | None, environ: Mapping[str, str]) -> None:
@@ -845,7 +926,8 @@ class Timer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Registry: the etcd v2 adapter. It knows this host's subtree and nothing of Docker.
+# Registry: the seam the reconciler writes through, and its etcd v2 and v3 adapters. They know
+# this host's keys and nothing of Docker.
 # ---------------------------------------------------------------------------------------------
 
 class Unavailable(Exception):
@@ -865,9 +947,19 @@ class EngineUnavailable(Unavailable):
     pass
 
 
-class HostDirReplaced(RegistryUnavailable):
-    """A write found a plain value in the host directory's place and replaced it (said once,
-    where it was replaced): everything is to be registered again, at once."""
+class HostLost(RegistryUnavailable):
+    """A write found this host's liveness gone (a plain value in the v2 host directory's place,
+    which it replaced; the v3 lease expired): said once, where it was found; everything is to be
+    registered again, at once."""
+
+
+class LeaseGone(RegistryUnavailable):
+    """etcd no longer knows the v3 lease a request named (expired, revoked, or etcd wiped)."""
+
+
+class ApiMismatch(Exception):
+    """Every etcd endpoint that answers lacks the API ETCD_API names: it never fixes itself, so
+    the service exits with code 2 instead of retrying."""
 
 
 class RecordRefused(Exception):
@@ -875,9 +967,11 @@ class RecordRefused(Exception):
     are not held back by it, and it is retried on its own."""
 
 
-class Subtree(NamedTuple):
-    leaves: dict  # key -> value
-    dirs: set  # every directory below the host directory
+class Records(NamedTuple):
+    """This host's keys as etcd holds them."""
+    values: dict  # key -> value, every key below <prefix>/<HOST_IP>/
+    detached: frozenset = frozenset()  # keys to write again even when their value is right (v3:
+    # not on this host's lease, so they would outlive it)
 
 
 class HostScope:
@@ -885,15 +979,18 @@ class HostScope:
 
     Every write, refresh and delete of a registry adapter names its key through `check`, which
     passes only `<prefix>/<HOST_IP>` itself (where asked for) and keys below it without an empty,
-    `.` or `..` segment (etcd resolves them, so `<host dir>/../x` would land outside), and returns
-    the key as it goes into a URL (python-etcd puts keys into URLs as they are). The keys this
-    service makes hold only key characters; a key found in etcd below the host directory may hold
-    any (an operator's `foo bar`): it is escaped, so that exactly that key is deleted.
+    `.` or `..` segment (etcd v2 resolves them, so `<host dir>/../x` would land outside), and
+    returns the key as it goes into a URL (python-etcd puts keys into URLs as they are). The keys
+    this service makes hold only key characters; a key found in etcd below the host directory may
+    hold any (an operator's `foo bar`): it is escaped, so that exactly that key is deleted. On v3
+    (`flat`) keys are plain byte strings that nothing resolves: a found key needs only to start
+    with `<prefix>/<HOST_IP>/`.
     """
 
-    def __init__(self, prefix: str, host_ip: str):
+    def __init__(self, prefix: str, host_ip: str, flat: bool = False):
         self.prefix = prefix
         self.host_dir = f"{prefix}/{host_ip}"
+        self.flat = flat
         if not self._clean(self.host_dir[1:]):
             raise OutsideScope(f"{self.host_dir!r} is not a clean etcd path")
 
@@ -909,7 +1006,8 @@ class HostScope:
         if key == self.host_dir:
             if host_dir:
                 return key
-        elif key.startswith(self.host_dir + "/") and self._clean(key[len(self.host_dir) + 1:], found):
+        elif key.startswith(self.host_dir + "/") and (
+                (found and self.flat) or self._clean(key[len(self.host_dir) + 1:], found)):
             return urllib.parse.quote(key, safe="/:@+")
         raise OutsideScope(f"refusing to change {printable(key)}: not a clean key inside {self.host_dir}/")
 
@@ -923,28 +1021,170 @@ class OutsideScope(AssertionError):
     """A write outside this host's subtree was attempted, and refused before any request."""
 
 
-class EtcdRegistry:
-    """Reads and writes this host's subtree only; every write goes through HostScope.check."""
+Report = Callable[[str, "RecordRefused | None"], None]
 
+
+class Registry:
+    """The seam: the one interface the reconciler writes through, in the registry's own terms.
+
+    - `prepare()`: this host's liveness (v2: the host directory with its TTL; v3: the lease and
+      the host key) is in place before any record is written. True when it was not: whatever was
+      there cannot be trusted, and a full reconcile must follow.
+    - `heartbeat()`: extend the liveness by REGISTER_TTL, in one request. None, or a sentence
+      saying what had happened to it (then everything is registered again).
+    - `read()`: this host's records (Records).
+    - `apply(deletes, puts, report, keep)`: deletes first, then puts; `report(key, refusal)` for
+      every operation done, with the RecordRefused of a put etcd refused (the others go on).
+      `keep`, in a full reconcile: every key that stays, so the adapter can tidy what holds none.
+    - `clear()`: remove this host's keys (--deregister-on-exit).
+
+    Both adapters check the API at the first `prepare` (ApiMismatch when no endpoint that answers
+    serves it), fail over between endpoints, and write only through HostScope.check.
+    """
+
+    API = 0
     TIMEOUT = 5  # seconds for one request: a stalled etcd must not stall the service
-    POOL = 16
+    LIVENESS = ""  # what keeps this host's keys alive, for log lines
 
     def __init__(self, config: Config):
+        self.config = config
         self.endpoints = config.etcd_endpoints
-        self._ca_file = config.etcd_ca_file
-        self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
-        self.scope = HostScope(config.prefix, config.host_ip)
-        self.host_dir = self.scope.host_dir
+        self.scope = HostScope(config.prefix, config.host_ip, flat=self.API == 3)
+        self.host_dir = self.scope.host_dir  # v2: the host directory; v3: the host key
         self.ttl = config.ttl
-        self._client: etcd.Client | None = None
         self._current = 0
         self._lock = threading.Lock()
-        self._dir_ready = False
+        self._api_checked = False
         self.closed = False
 
     @property
     def endpoint(self) -> Endpoint:
         return self.endpoints[self._current % len(self.endpoints)]
+
+    def _password(self) -> str | None:
+        """Read at each authentication, so that a rotated secret file is picked up."""
+        if self.config.etcd_password_file:
+            try:
+                return read_password_file(self.config.etcd_password_file)
+            except ValueError as exc:
+                raise RegistryBlocked(f"ETCD_PASSWORD_FILE={self.config.etcd_password_file!r} {exc}; "
+                                      "expected the etcd user's password in it") from None
+        return self.config.etcd_password
+
+    def _session(self) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE or a proxy must not override these settings
+        if self.config.etcd_ca_file:
+            session.verify = self.config.etcd_ca_file
+        if self.config.etcd_cert_file:
+            session.cert = (self.config.etcd_cert_file, self.config.etcd_key_file)
+        adapter = requests.adapters.HTTPAdapter(pool_maxsize=16, max_retries=0)
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    # -- which API the cluster serves --------------------------------------------------------
+
+    def prepare(self) -> bool:
+        if not self._api_checked:
+            self._check_api()
+        return self._prepare()
+
+    def _check_api(self) -> None:
+        """Every endpoint is asked once; the first that serves this API is used. Exits (raises
+        ApiMismatch) only when every endpoint that answers lacks it: --enable-v2 is set per
+        member. Endpoints that are down are waited for, as always."""
+        session = self._session()
+        down, lacking = [], []
+        try:
+            for index, endpoint in enumerate(self.endpoints):
+                verdict, detail = self._probe(session, endpoint)
+                if verdict == "serves":
+                    self._current = index
+                    self._api_checked = True
+                    for url, cause in down:
+                        log_event(logging.WARNING, f"etcd at {url} failed: {cause}; using {endpoint.url}",
+                                  event="endpoint_down", endpoint=url)
+                    return
+                (lacking if verdict == "lacks" else down).append((endpoint.url, detail))
+        finally:
+            session.close()
+        if lacking:
+            raise ApiMismatch(self._mismatch(lacking))
+        raise RegistryUnavailable("; ".join(f"etcd at {url} failed: {cause}" for url, cause in down))
+
+    def _probe(self, session: requests.Session, endpoint: Endpoint) -> tuple[str, str]:
+        """("serves" | "lacks", etcd's version) or ("down", why)."""
+        try:
+            answer = session.get(f"{endpoint.url}/version", timeout=self.TIMEOUT)
+            try:
+                version = str(answer.json().get("etcdserver") or "of unknown version")
+            except (ValueError, AttributeError):
+                version = "of unknown version"
+            answer = self._probe_api(session, endpoint)
+        except (requests.RequestException, OSError) as exc:
+            return "down", describe(exc)
+        if answer.status_code == 404:
+            return "lacks", version
+        if answer.status_code >= 500:
+            return "down", f"HTTP {answer.status_code} {printable(answer.text, 100)}"
+        return "serves", version
+
+    def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
+        raise NotImplementedError
+
+    def _mismatch(self, lacking: list[tuple[str, str]]) -> str:
+        raise NotImplementedError
+
+    # -- the seam: each adapter has these ----------------------------------------------------
+
+    def _prepare(self) -> bool:
+        raise NotImplementedError
+
+    def heartbeat(self) -> str | None:
+        raise NotImplementedError
+
+    def read(self) -> Records:
+        raise NotImplementedError
+
+    def apply(self, deletes: list[str], puts: list[tuple[str, str]], report: Report,
+              keep: set | None = None) -> None:
+        raise NotImplementedError
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+
+def _where(lacking: list[tuple[str, str]]) -> str:
+    return ", ".join(f"{url} (etcd {version})" if version[:1].isdigit() else f"{url} ({version})"
+                     for url, version in lacking)
+
+
+class EtcdV2Registry(Registry):
+    """etcd's v2 API through python-etcd: a host directory with a TTL, refreshed without waking
+    a watcher; image directories below it, pruned when empty."""
+
+    API = 2
+    POOL = 16
+    LIVENESS = "host directory"
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._ca_file = config.etcd_ca_file
+        self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
+        self._client: etcd.Client | None = None
+        self._dir_ready = False
+        self._dirs: set[str] = set()  # the directories below the host directory, as last read
+        self._pool = ThreadPoolExecutor(8, thread_name_prefix="etcd")
+
+    def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
+        auth = (self.config.etcd_username, self._password()) if self.config.etcd_username else None
+        return session.get(f"{endpoint.url}/v2/keys/", auth=auth, timeout=self.TIMEOUT)
+
+    def _mismatch(self, lacking: list[tuple[str, str]]) -> str:
+        return (f"ETCD_API=2 but etcd at {_where(lacking)} does not serve the v2 API (etcd 3.4 and 3.5 "
+                "serve it only when started with --enable-v2=true, 3.6 and later not at all); set "
+                "ETCD_API=3 (--etcd-api 3) to register with the v3 API, or enable v2 on every member")
 
     def _connection(self) -> etcd.Client:
         # One client per endpoint, rebuilt after any connection failure: python-etcd gives up on
@@ -952,10 +1192,12 @@ class EtcdRegistry:
         with self._lock:
             if self._client is None:
                 ep = self.endpoint
+                user = self.config.etcd_username
                 self._client = etcd.Client(host=ep.host, port=ep.port, protocol=ep.protocol,
                                            read_timeout=self.TIMEOUT, allow_reconnect=False,
                                            per_host_pool_size=self.POOL, cert=self._cert,
-                                           ca_cert=self._ca_file)
+                                           ca_cert=self._ca_file, username=user,
+                                           password=self._password() if user else None)
                 # urllib3 would retry each request three more times on its own (4 x TIMEOUT
                 # against a stalled etcd); retries are this service's, with backoff and a log line.
                 self._client.http.connection_pool_kw["retries"] = urllib3.Retry(0)
@@ -970,7 +1212,14 @@ class EtcdRegistry:
         except (etcd.EtcdKeyError, etcd.EtcdCompareFailed, etcd.EtcdDirNotEmpty):
             raise  # the key's state, handled by the caller
         except etcd.EtcdException as exc:
-            status = exc.payload.get("status") if isinstance(exc.payload, dict) else None
+            payload = exc.payload if isinstance(exc.payload, dict) else {}
+            status = payload.get("status")
+            if payload.get("errorCode") == 300 and "Not a file" in str(payload.get("cause")):
+                raise ApiMismatch(  # etcd 3.5's v2 API: it never fixes itself
+                    f"etcd at {client.base_uri} cannot change a directory's TTL through its v2 API "
+                    "(etcd 3.5 answers \"Raft Internal Error: Not a file\", etcd-io/etcd#13589), so "
+                    f"{self.host_dir} cannot be kept alive; set ETCD_API=3 (--etcd-api 3), or "
+                    "REGISTER_TTL=0 to register without a TTL") from exc
             if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
                 reason = f"{describe(exc)} (HTTP {status})"
                 if record:  # "Invalid POST form : http: POST too large": another record may pass
@@ -1004,7 +1253,7 @@ class EtcdRegistry:
 
     # -- the host directory ----------------------------------------------------------------
 
-    def ensure_host_dir(self) -> bool:
+    def _prepare(self) -> bool:
         """Make sure the host directory exists, with its TTL, before any child is written.
 
         etcd v2 creates missing parents without a TTL, which would silently remove the safety net.
@@ -1070,7 +1319,7 @@ class EtcdRegistry:
         self._dir_ready = False
         if say:
             log_event(logging.WARNING, f"replaced the plain value at {self.host_dir}, where this host's "
-                  "directory belongs; re-registering everything", event="host_value_replaced",
+                      "directory belongs; re-registering everything", event="host_value_replaced",
                       key=self.host_dir)
 
     def _plain_ancestor(self, key: str) -> str | None:
@@ -1091,6 +1340,10 @@ class EtcdRegistry:
             f"etcd: {ancestor} holds a plain value, so nothing can be registered under "
             f"{self.host_dir}/; it is not this registrar's to delete: an operator should remove it "
             f"(etcdctl rm {ancestor}) or choose another REGISTER_PREFIX")
+
+    def heartbeat(self) -> str | None:
+        lost = self.refresh()
+        return f"host directory {self.host_dir} {lost}" if lost else None
 
     def refresh(self) -> str | None:
         """Extend the host directory's TTL with one write that wakes no watcher.
@@ -1116,14 +1369,16 @@ class EtcdRegistry:
 
     # -- records ----------------------------------------------------------------------------
 
-    def read_subtree(self) -> Subtree:
+    def read(self) -> Records:
         try:
             top = self._call(lambda c: c.read(self.host_dir, recursive=True), self.host_dir)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
-            return Subtree({}, set())
-        if not top.dir:  # a plain value in the directory's place: ensure_host_dir replaces it
+            self._dirs = set()
+            return Records({})
+        if not top.dir:  # a plain value in the directory's place: prepare() replaces it
             self._dir_ready = False
-            return Subtree({}, set())
+            self._dirs = set()
+            return Records({})
         leaves, dirs = {}, set()
         for node in top.get_subtree():
             if node.key == self.host_dir:
@@ -1132,7 +1387,50 @@ class EtcdRegistry:
                 dirs.add(node.key)
             else:
                 leaves[node.key] = node.value
-        return Subtree(leaves, dirs)
+        self._dirs = dirs
+        return Records(leaves)
+
+    def apply(self, deletes: list[str], puts: list[tuple[str, str]], report: Report,
+              keep: set | None = None) -> None:
+        def delete(key: str) -> None:
+            self.delete(key)
+            report(key, None)
+
+        def put(item: tuple[str, str]) -> None:
+            try:
+                self.put(*item)
+            except RecordRefused as exc:
+                report(item[0], exc)
+                return
+            report(item[0], None)
+
+        self._map(delete, deletes)
+        if keep is None and deletes:  # an event's removal: its image directory goes if emptied
+            for directory in {key.rsplit("/", 1)[0] for key in deletes} - {self.host_dir}:
+                self.prune(directory)
+            self.prune_host_dir()
+        self._map(put, puts)
+        if keep is not None:
+            self._tidy(keep)
+
+    def _map(self, function: Callable, items: list) -> None:
+        if len(items) <= 1:
+            for item in items:
+                function(item)
+            return
+        for _ in self._pool.map(function, items):  # raises the first failure, once all are done
+            pass
+
+    def _tidy(self, keep: set) -> None:
+        """Directories holding no key that stays go: image directories left empty, and anything
+        deeper than a record (which no version of this service writes)."""
+        kept_dirs = {key.rsplit("/", 1)[0] for key in keep}
+        doomed = self._dirs - kept_dirs - keep  # a directory at a record's key was replaced
+        for directory in doomed:
+            if directory.rsplit("/", 1)[0] not in doomed:  # its parent's deletion takes it along
+                self.delete_tree(directory)
+        if not keep:
+            self.prune_host_dir()
 
     def put(self, key: str, value: str) -> None:
         for _ in range(3):  # what sits in the way is not a record of this service: it goes
@@ -1147,7 +1445,7 @@ class EtcdRegistry:
                     self.delete(ancestor)  # in its image directory's place: this host's key
                 elif ancestor == self.host_dir:
                     self._replace_plain_host_value()
-                    raise HostDirReplaced(f"etcd: {self.host_dir} was a plain value") from None
+                    raise HostLost(f"etcd: {self.host_dir} was a plain value") from None
                 elif ancestor is not None:
                     raise self._blocked(ancestor) from None
         raise RegistryUnavailable(f"etcd: could not write {key}: the tree kept changing under it")
@@ -1171,22 +1469,406 @@ class EtcdRegistry:
             if "not empty" not in str(exc).lower():
                 raise
 
-    def prune_after_delete(self, key: str) -> None:
-        image_dir = key.rsplit("/", 1)[0]
-        if image_dir != self.host_dir:
-            self.prune(image_dir)
-        self.prune_host_dir()
-
     def prune_host_dir(self) -> None:
         """With REGISTER_TTL=0 an empty host directory goes; with a TTL it stays, as a heartbeat."""
         if not self.ttl:
             self.prune(self.host_dir)
             self._dir_ready = False
 
-    def delete_host_subtree(self) -> None:
+    def clear(self) -> None:
         with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile):
             self._write(self.host_dir, lambda c, k: c.delete(k, recursive=True, dir=True),
                         host_dir=True, final=True)
+
+
+EtcdRegistry = EtcdV2Registry
+
+
+# gRPC status codes, as etcd's HTTP gateway reports them in the "code" of an error body
+GRPC_DEADLINE_EXCEEDED, GRPC_NOT_FOUND, GRPC_PERMISSION_DENIED = 4, 5, 7
+GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, GRPC_UNAUTHENTICATED = 8, 14, 16
+GRPC_REFUSALS = {3, 6, 7, 9, 11}  # invalid argument, exists, permission, precondition, range
+TOKEN_ERRORS = ("invalid auth token", "auth token is not provided", "invalid auth management")
+
+
+class Op(NamedTuple):
+    """One operation of a v3 transaction."""
+    key: str
+    value: str | None  # None: a delete
+    size: int  # bytes it adds to the request
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8", "surrogateescape")).decode("ascii")
+
+
+def _unb64(text: str | None, errors: str = "surrogateescape") -> str:
+    return base64.b64decode(text or "").decode("utf-8", errors)
+
+
+def _range_end(prefix: str) -> str:
+    """The end of the key range of every key that starts with `prefix` (which ends in `/`)."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+class EtcdV3Registry(Registry):
+    """etcd's v3 API through its HTTP gateway (etcd3gw): one lease per host, to which the host key
+    and every record are attached; changes in transactions of at most 128 operations.
+
+    Only the reconciler's thread (and, at exit, the deregistration) calls it.
+    """
+
+    API = 3
+    LIVENESS = "lease"
+    MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
+    MAX_TXN_BYTES = 1024 * 1024  # well under etcd's default --max-request-bytes (1.5 MiB)
+    OP_OVERHEAD = 32  # bytes of a put's or a delete's framing, over its key and value
+
+    def __init__(self, config: Config):
+        super().__init__(config)
+        self._http = self._session()
+        self._client: etcd3gw.Etcd3Client | None = None
+        self._token: str | None = None  # for the current client: simple tokens are per member
+        self._auth_off_said = False
+        self.lease: int | None = None
+        self._started: str | None = None  # when the lease was granted: the host key says it
+        self._ready = False
+        self.requests = 0  # to etcd, for the benchmark and the tests: one per batch, not per key
+
+    def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
+        return session.post(f"{endpoint.url}/v3/kv/range", json={"key": _b64("\0")},
+                            timeout=self.TIMEOUT)
+
+    def _mismatch(self, lacking: list[tuple[str, str]]) -> str:
+        versions = [version for _, version in lacking if version[:1].isdigit()]
+        if versions and all(version.split(".")[0] in ("0", "1", "2") for version in versions):
+            return (f"ETCD_API=3 but etcd at {_where(lacking)} does not serve the v3 API (etcd 2 "
+                    "speaks only v2); set ETCD_API=2 (--etcd-api 2)")
+        if versions and all(re.match(r"3\.[0-3]\.", version) for version in versions):
+            return (f"ETCD_API=3 but etcd at {_where(lacking)} serves the v3 API's HTTP gateway only "
+                    "under /v3beta/ or /v3alpha/ (before 3.4), which this registrar does not speak; "
+                    "upgrade etcd to 3.4 or later, or set ETCD_API=2 (--etcd-api 2)")
+        return (f"ETCD_API=3 but etcd at {_where(lacking)} answers 404 under /v3/: its HTTP gateway, "
+                "which this registrar speaks v3 through, is turned off (--enable-grpc-gateway=false); "
+                "turn it on, or set ETCD_API=2 (--etcd-api 2) if the server serves v2")
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def _connection(self) -> etcd3gw.Etcd3Client:
+        with self._lock:
+            if self._client is None:
+                ep = self.endpoint
+                self._client = etcd3gw.Etcd3Client(host=ep.host.strip("[]"), port=ep.port,
+                                                   protocol=ep.protocol, timeout=self.TIMEOUT,
+                                                   api_path="/v3/", session=self._http)
+                self._token = None
+            return self._client
+
+    def _failed(self, client: etcd3gw.Etcd3Client) -> None:
+        with self._lock:
+            if self._client is client:
+                self._client = None
+                self._current += 1
+            self._ready = False  # after any error, look at the host key before writing
+
+    def _post(self, path: str, body: dict, about: str, record: bool = False, final: bool = False):
+        """One request to the gateway; `about` names the key (or lease) for messages. A token
+        etcd no longer takes (expired, or etcd restarted) is renewed once and the request sent
+        again."""
+        if self.closed and not final:
+            raise RegistryUnavailable("the service is stopping")
+        client = self._connection()
+        for attempt in (1, 2):
+            headers = {"Authorization": self._authenticate(client)} if self.config.etcd_username else {}
+            headers = {k: v for k, v in headers.items() if v}
+            try:
+                self.requests += 1
+                return client.post(client.get_url(path), json=body, headers=headers)
+            except etcd3gw.exceptions.Etcd3Exception as exc:
+                code, message = self._error(exc)
+                if (code == GRPC_UNAUTHENTICATED or any(t in message for t in TOKEN_ERRORS)
+                        or "user name is empty" in message):
+                    if self.config.etcd_username and attempt == 1:
+                        self._token = None  # expired, or etcd restarted: authenticate again
+                        continue
+                    raise RegistryBlocked(self._auth_problem(client, message)) from exc
+                self._refusal(client, exc, code, message, about, record)
+            except (requests.RequestException, OSError) as exc:
+                self._failed(client)
+                raise RegistryUnavailable(f"etcd at {client.base_url} failed: {describe(exc)}") from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _error(exc: etcd3gw.exceptions.Etcd3Exception) -> tuple[int | None, str]:
+        """(gRPC code, etcd's message): etcd3gw puts them only in the detail text."""
+        try:
+            body = json.loads(exc.detail_text or "")
+            return int(body.get("code")), str(body.get("message") or body.get("error") or "")
+        except (ValueError, TypeError, AttributeError):
+            return None, printable(exc.detail_text or str(exc) or type(exc).__name__, 200)
+
+    def _refusal(self, client, exc, code: int | None, message: str, about: str, record: bool):
+        """Raises what an error answer means here."""
+        if code == GRPC_NOT_FOUND and "lease not found" in message:
+            self.lease, self._ready = None, False
+            raise LeaseGone(f"etcd at {client.base_url}: {message}") from exc
+        # a request over the gRPC limit (max-request-bytes + 512 KiB) is refused with code 8
+        if code in GRPC_REFUSALS or (code == GRPC_RESOURCE_EXHAUSTED and "larger than max" in message):
+            reason = f"{message} (gRPC code {code})"
+            if record:
+                raise RecordRefused(f"etcd refused it: {reason}") from exc
+            fix = (f"the role of etcd user {self.config.etcd_username!r} needs readwrite on "
+                   f"{self.scope.prefix}/ (etcdctl role grant-permission ROLE readwrite "
+                   f"{self.scope.prefix}/ --prefix)" if code == GRPC_PERMISSION_DENIED and
+                   self.config.etcd_username else
+                   f"an operator should check what etcd lets this client do under {self.scope.prefix}/ "
+                   "(permissions, limits)")
+            raise RegistryBlocked(f"etcd refused a request for {printable(about)}: {reason}; {fix}") from exc
+        self._failed(client)
+        cause = describe(exc) if code is None else message  # no answer: the connection's words
+        raise RegistryUnavailable(f"etcd at {client.base_url} failed: {cause}") from exc
+
+    def _authenticate(self, client: etcd3gw.Etcd3Client) -> str | None:
+        """A token for `client` (None when etcd has authentication turned off)."""
+        if self._token is not None:
+            return self._token or None
+        user = self.config.etcd_username
+        try:
+            self.requests += 1
+            answer = client.post(client.get_url("/auth/authenticate"),
+                                 json={"name": user, "password": self._password()})
+        except etcd3gw.exceptions.Etcd3Exception as exc:
+            code, message = self._error(exc)
+            if "authentication is not enabled" in message:
+                if not self._auth_off_said:
+                    self._auth_off_said = True
+                    log_event(logging.WARNING, f"etcd at {client.base_url} has authentication turned "
+                              f"off: ETCD_USERNAME={user!r} is not used", event="auth_off")
+                self._token = ""
+                return None
+            if code in GRPC_REFUSALS:
+                raise RegistryBlocked(self._auth_problem(client, message)) from exc
+            self._failed(client)
+            cause = describe(exc) if code is None else message
+            raise RegistryUnavailable(f"etcd at {client.base_url} failed: {cause}") from exc
+        except (requests.RequestException, OSError) as exc:
+            self._failed(client)
+            raise RegistryUnavailable(f"etcd at {client.base_url} failed: {describe(exc)}") from exc
+        token = answer.get("token") if isinstance(answer, dict) else None
+        if not token:
+            raise RegistryUnavailable(f"etcd at {client.base_url} answered without a token")
+        self._token = token
+        log_event(logging.DEBUG, f"authenticated to etcd at {client.base_url} as {user!r}",
+                  event="authenticated")
+        return token
+
+    def _auth_problem(self, client: etcd3gw.Etcd3Client, message: str) -> str:
+        user = self.config.etcd_username
+        if not user:
+            return (f"etcd at {client.base_url} requires authentication ({message}); set ETCD_USERNAME "
+                    "and ETCD_PASSWORD or ETCD_PASSWORD_FILE")
+        source = "ETCD_PASSWORD_FILE" if self.config.etcd_password_file else "ETCD_PASSWORD"
+        return (f"etcd at {client.base_url} refused user {user!r}: {message}; check ETCD_USERNAME and "
+                f"{source}")
+
+    def _txn(self, ops: list[Op], record: bool = False, final: bool = False) -> None:
+        """One transaction; every key was checked by HostScope when its Op was made."""
+        body = []
+        for op in ops:
+            if op.value is None:
+                body.append({"request_delete_range": {"key": _b64(op.key)}})
+            else:
+                put = {"key": _b64(op.key), "value": _b64(op.value)}
+                if self.lease:
+                    put["lease"] = str(self.lease)
+                body.append({"request_put": put})
+        self._post("/kv/txn", {"success": body}, ops[0].key, record=record, final=final)
+
+    def _op(self, key: str, value: str | None, found: bool = False, host_key: bool = False) -> Op:
+        self.scope.check(key, host_dir=host_key, found=found)
+        size = len(key.encode("utf-8", "surrogateescape")) + self.OP_OVERHEAD
+        return Op(key, value, size + (len(value.encode("utf-8")) if value is not None else 0))
+
+    def _get(self, key: str) -> dict | None:
+        answer = self._post("/kv/range", {"key": _b64(key)}, key)
+        kvs = answer.get("kvs") or []
+        return kvs[0] if kvs else None
+
+    # -- the lease and the host key ------------------------------------------------------------
+
+    def _host_value(self) -> str:
+        return json.dumps({"registrar": VERSION, "started": self._started}, separators=(",", ":"))
+
+    def _started_of(self, kv: dict | None) -> str | None:
+        """The grant time the host key holds, when it is this version's own record."""
+        try:
+            value = json.loads(_unb64(kv["value"], "strict"))
+            if value["registrar"] == VERSION and isinstance(value["started"], str):
+                return value["started"]
+        except (TypeError, KeyError, ValueError):
+            pass
+        return None
+
+    def _lease_ttl(self, lease: int) -> tuple[int, int]:
+        """(seconds left, TTL it was granted with); seconds left is -1 when it is gone."""
+        answer = self._post("/lease/timetolive", {"ID": str(lease)}, f"lease {lease:x}")
+        return int(answer.get("TTL", -1)), int(answer.get("grantedTTL", 0))
+
+    def _prepare(self) -> bool:
+        """The host key is in place, on a lease that lives (adopted when a restarted registrar
+        finds its own). True when anything had to be (re)made: then every record is written."""
+        if self._ready:
+            return False
+        kv = self._get(self.host_dir)
+        on_lease = int(kv.get("lease", 0)) if kv else 0
+        started = self._started_of(kv)
+        if not self.ttl:
+            self.lease = None
+            intact = kv is not None and not on_lease and started is not None
+            if not intact:
+                self._started = started or _now()
+                self._put_host_key()
+            self._ready = True
+            return not intact
+        candidate = self.lease or on_lease
+        left, granted = self._lease_ttl(candidate) if candidate else (-1, 0)
+        if left > 0 and granted == self.ttl:
+            adopting = self.lease is None
+            self.lease = candidate
+            intact = kv is not None and on_lease == candidate and started is not None
+            self._started = started if intact else (self._started or _now())
+            if not intact:
+                self._put_host_key()
+            if adopting:
+                log_event(logging.INFO, f"adopted lease {candidate:x} of {self.host_dir} (granted "
+                          f"{self._started}, {left} s left of {granted} s): records that are right "
+                          "stay as they are", event="lease_adopted", lease=f"{candidate:x}")
+            self._ready = True
+            return not intact
+        if candidate and self.lease is None and left > 0:
+            log_event(logging.INFO, f"not adopting lease {candidate:x} of {self.host_dir}: it was granted "
+                      f"for {granted} s, not REGISTER_TTL={self.ttl}", event="lease_replaced")
+        answer = self._post("/lease/grant", {"TTL": self.ttl, "ID": 0}, self.host_dir)
+        self.lease, self._started = int(answer["ID"]), _now()
+        self._put_host_key()
+        log_event(logging.INFO, f"granted lease {self.lease:x} ({self.ttl} s) for {self.host_dir}; "
+                  "every record is written on it", event="lease_granted", lease=f"{self.lease:x}")
+        self._ready = True
+        return True
+
+    def _lease_lost(self, lease: int | None) -> HostLost:
+        """Said once, here: the reconciler registers everything again, on a new lease."""
+        log_event(logging.WARNING, f"lease {lease or 0:x} of {self.host_dir} had expired or been "
+                  "revoked; re-registering everything", event="host_dir_lost")
+        return HostLost(f"lease {lease or 0:x} was gone")
+
+    def heartbeat(self) -> str | None:
+        """One keepalive of the lease: every key on it lives another REGISTER_TTL seconds."""
+        lease = self.lease
+        if lease is None:
+            self._ready = False
+            return None
+        try:
+            answer = self._post("/lease/keepalive", {"ID": str(lease)}, f"lease {lease:x}")
+        except LeaseGone:
+            answer = {}
+        if int((answer.get("result") or {}).get("TTL", 0)) <= 0:
+            self.lease, self._ready = None, False
+            return f"lease {lease:x} of {self.host_dir} had expired or been revoked"
+        return None
+
+    # -- records ---------------------------------------------------------------------------------
+
+    def read(self) -> Records:
+        """The records, and the host key in the same request: one an operator deleted, or that
+        is not on the lease, is put back here (the keepalive cannot tell)."""
+        start = self.host_dir + "/"
+        answer = self._post("/kv/range", {"key": _b64(self.host_dir),
+                                          "range_end": _b64(_range_end(start))}, self.host_dir)
+        values, detached, host = {}, set(), None
+        for kv in answer.get("kvs") or []:
+            key = _unb64(kv.get("key"))
+            if key == self.host_dir:
+                host = kv
+            elif key.startswith(start):  # not <prefix>/10.0.0.1-x, which sorts in between
+                values[key] = _unb64(kv.get("value"), "replace")
+                if int(kv.get("lease", 0)) != (self.lease or 0):
+                    detached.add(key)
+        if (host is None or int(host.get("lease", 0)) != (self.lease or 0)
+                or self._started_of(host) != self._started):
+            self._started = self._started or _now()
+            self._put_host_key()
+            log_event(logging.WARNING, f"host key {self.host_dir} was missing or not this registrar's; "
+                      "written again", event="host_key_repaired", key=self.host_dir)
+        return Records(values, frozenset(detached))
+
+    def _put_host_key(self) -> None:
+        try:
+            self._txn([self._op(self.host_dir, self._host_value(), host_key=True)])
+        except LeaseGone:
+            raise self._lease_lost(None) from None
+
+    def apply(self, deletes: list[str], puts: list[tuple[str, str]], report: Report,
+              keep: set | None = None) -> None:
+        """Deletes first, in transactions of their own, so that a refused put never holds one
+        back; then puts. A refused transaction of puts is split in halves, down to the one
+        record etcd refuses, which alone is reported refused."""
+        for batch in self._batches([self._op(key, None, found=True) for key in deletes]):
+            self._txn(batch)
+            for op in batch:
+                report(op.key, None)
+        lease = self.lease
+        try:
+            for batch in self._batches([self._op(key, value) for key, value in puts]):
+                self._commit(batch, report)
+        except LeaseGone:
+            raise self._lease_lost(lease) from None
+
+    def _commit(self, batch: list[Op], report: Report) -> None:
+        try:
+            self._txn(batch, record=True)
+        except RecordRefused as exc:
+            if len(batch) == 1:
+                report(batch[0].key, exc)
+                return
+            half = len(batch) // 2
+            self._commit(batch[:half], report)
+            self._commit(batch[half:], report)
+            return
+        for op in batch:
+            report(op.key, None)
+
+    def _batches(self, ops: list[Op]) -> Iterable[list[Op]]:
+        batch, size = [], 0
+        for op in ops:
+            if batch and (len(batch) == self.MAX_TXN_OPS or size + op.size > self.MAX_TXN_BYTES):
+                yield batch
+                batch, size = [], 0
+            batch.append(op)
+            size += op.size
+        if batch:
+            yield batch
+
+    def clear(self) -> None:
+        """One request: revoking the lease takes every key on it; without a lease, one
+        transaction deletes the records and the host key."""
+        if self.lease:
+            lease, self.lease = self.lease, None
+            self._post("/lease/revoke", {"ID": str(lease)}, f"lease {lease:x}", final=True)
+            return
+        start = self.host_dir + "/"
+        self.scope.check(self.host_dir, host_dir=True)
+        self._post("/kv/txn", {"success": [
+            {"request_delete_range": {"key": _b64(start), "range_end": _b64(_range_end(start))}},
+            {"request_delete_range": {"key": _b64(self.host_dir)}}]}, self.host_dir, final=True)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def make_registry(config: Config) -> Registry:
+    return EtcdV3Registry(config) if config.etcd_api == 3 else EtcdV2Registry(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1290,7 +1972,7 @@ class Reconciler:
     MAX_DIRTY = 10_000  # beyond this, one full reconcile is cheaper than tracking each container
     WORKERS = 8
 
-    def __init__(self, config: Config, registry: EtcdRegistry, engine: DockerEngine,
+    def __init__(self, config: Config, registry: Registry, engine: DockerEngine,
                  stop: threading.Event):
         self.config = config
         self.registry = registry
@@ -1318,6 +2000,7 @@ class Reconciler:
         self._down: str | None = None  # what failed last, until it works again
         self._error_said = 0.0  # when an error that waits for an operator was last logged
         self.full_reconciles = 0
+        self.fatal: str | None = None  # why the service must exit (code 2) instead of retrying
         # containers whose record etcd refused: retried alone, with a backoff of their own
         self._refused: dict[str, Refusal] = {}
         # the last warning about each container that is not registered (odd data, too large): said
@@ -1374,8 +2057,11 @@ class Reconciler:
         while not self.stop.is_set():
             try:
                 self._step()
-            except HostDirReplaced:
-                self._note_full(f"host directory {self.registry.host_dir} was (re)created")
+            except ApiMismatch as exc:  # never fixes itself: the service exits, code 2
+                self.fatal = str(exc)
+                self.stop.set()
+            except HostLost:
+                self._note_full(self._recreated())
             except Unavailable as exc:
                 if isinstance(exc, RegistryUnavailable):
                     # A request that timed out may still have been applied, and etcd may have been
@@ -1411,16 +2097,20 @@ class Reconciler:
             self._down = None
         self._failures.reset()
 
+    def _recreated(self) -> str:
+        if self.registry.API == 2:
+            return f"host directory {self.registry.host_dir} was (re)created"
+        return f"lease of {self.registry.host_dir} was granted anew"
+
     def _step(self) -> None:
-        if self.registry.ensure_host_dir():
-            self._note_full(f"host directory {self.registry.host_dir} was (re)created")
+        if self.registry.prepare():
+            self._note_full(self._recreated())
         if self._refresh is not None and self._refresh.due() and self._vouch_for_records():
-            lost = self.registry.refresh()
+            lost = self.registry.heartbeat()
             if lost:
-                log_event(logging.WARNING, f"host directory {self.registry.host_dir} {lost}; "
-                          "re-registering everything", event="host_dir_lost")
-                self.registry.ensure_host_dir()
-                self._note_full("host directory had expired")
+                log_event(logging.WARNING, f"{lost}; re-registering everything", event="host_dir_lost")
+                self.registry.prepare()
+                self._note_full(f"{self.registry.LIVENESS} had expired")
             self._refresh.restart()
         full, dirty = self._take_work()
         if full is not None:
@@ -1447,7 +2137,8 @@ class Reconciler:
             warn = suspending and not self._suspension_said
             self._suspension_said = not connected and (self._suspension_said or suspending)
         if warn:
-            log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the TTL of "
+            what = "TTL" if self.registry.API == 2 else "lease"
+            log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the {what} of "
                       f"{self.registry.host_dir}; its records expire within {self.config.ttl} s "
                       "unless Docker returns", event="refresh_suspended")
         return connected
@@ -1551,18 +2242,49 @@ class Reconciler:
 
     # -- applying --------------------------------------------------------------------------
 
-    def _register(self, entry: Entry, previous: Entry | None) -> None:
-        try:
-            self.registry.put(entry.key, entry.value)
-        except RecordRefused as exc:
-            self._refusal(entry, exc)
-            raise
+    def _apply(self, removals: list[tuple[str, Entry | None, str]], puts: list[tuple[Entry, bool]],
+               keep: set | None = None, done: set | None = None) -> int:
+        """One batch through the registry: removals (key, the entry it held or None, why), then
+        puts (entry, whether its key held a record already). Each operation is logged and known
+        as soon as it is done; `done` collects their keys. Returns how many puts etcd refused."""
+        removing = {key: (entry, why) for key, entry, why in removals}
+        putting = {entry.key: (entry, existed) for entry, existed in puts}
+        refused = []
+
+        def report(key: str, refusal: RecordRefused | None) -> None:
+            if key in removing:
+                self._removed(key, *removing[key])
+            elif refusal is not None:
+                refused.append(key)
+                self._refusal(putting[key][0], refusal)
+            else:
+                self._registered(*putting[key])
+            if done is not None:
+                done.add(key)
+
+        self.registry.apply(list(removing), [(entry.key, entry.value) for entry, _ in puts], report, keep)
+        return len(refused)
+
+    def _registered(self, entry: Entry, existed: bool) -> None:
         with self._cond:
             self._refused.pop(entry.container_id, None)
-        verb = "registered" if previous is None or previous.key != entry.key else "updated"
+        self.known[entry.container_id] = entry
+        verb = "updated" if existed else "registered"
         log_event(logging.INFO, f"{verb} {entry.name} ({entry.container_id[:12]}) image {entry.image} "
                   f"ports {entry.ports}", event=verb, container=entry.name,
                   id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
+
+    def _removed(self, key: str, entry: Entry | None, why: str) -> None:
+        if entry is None:  # found in etcd, not known: `why` describes what it was
+            log_event(logging.INFO, f"removed stale {why}: no such running container", event="removed",
+                      key=key)
+            return
+        held = self.known.get(entry.container_id)
+        if held is not None and held.key == key:
+            self.known.pop(entry.container_id, None)
+        log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
+                  f"ports {entry.ports}: {why}", event="removed", container=entry.name,
+                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=key)
 
     def _refusal(self, entry: Entry, exc: RecordRefused) -> None:
         """etcd refused this container's record: it is retried alone, with a backoff of its own;
@@ -1595,56 +2317,39 @@ class Reconciler:
                 self._refused.pop(container_id, None)
                 self._warned.pop(container_id, None)
 
-    def _unregister(self, entry: Entry, why: str, prune: bool = True) -> None:
-        self.registry.delete(entry.key)
-        log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
-                  f"ports {entry.ports}: {why}", event="removed", container=entry.name,
-                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
-        if prune:  # a full reconcile prunes every emptied directory itself
-            self.registry.prune_after_delete(entry.key)
-
-    def _converge_one(self, container_id: str, want, stopped: bool = True) -> None:
-        """Make one container's key right, given what is known to be in etcd."""
-        if want is UNKNOWN:
-            return
-        if want is None:  # nothing to write: nothing to retry
-            with self._cond:
-                self._refused.pop(container_id, None)
-        have = self.known.get(container_id)
-        if want is not None:
-            if have is None or (have.key, have.value) != (want.key, want.value):
-                self._register(want, have)
-            self.known[container_id] = want
-        if have is not None and (want is None or have.key != want.key):
-            self._unregister(have, removal_reason(not stopped) if want is None else "key changed")
-            if want is None:
-                self.known.pop(container_id, None)
-
     def _sync(self, dirty: dict[str, bool]) -> None:
-        """Bring the dirty containers' keys in line: removals first, then writes. A record etcd
-        refuses is retried alone (see _refusal); on any other failure the containers that failed
-        stay dirty."""
+        """Bring the dirty containers' keys in line, in one batch: removals first, then writes (on
+        v3, one event's change is one request). A record etcd refuses is retried alone (see
+        _refusal); on any other failure the containers not done stay dirty."""
         try:
             wanted = self._desired_all(dirty, dirty.values())
         except Exception:  # Docker failed: every one of them stays dirty
             self._requeue(dirty)
             raise
         self._forget([cid for cid, stopped in dirty.items() if stopped])
-        failures = []
-
-        def converge(item):
-            try:
-                self._converge_one(*item, stopped=dirty[item[0]])
-            except RecordRefused:
-                pass  # said and scheduled where it was refused
-            except Exception as exc:
-                failures.append((item[0], exc))
-
-        self._map(converge, [item for item in wanted.items() if item[1] is None])
-        self._map(converge, [item for item in wanted.items() if item[1] is not None])
-        if failures:
-            self._requeue({cid: dirty[cid] for cid, _ in failures})
-            raise failures[0][1]
+        removals, puts, owner = [], [], {}
+        for container_id, want in wanted.items():
+            if want is UNKNOWN:
+                continue
+            have = self.known.get(container_id)
+            if want is None:  # nothing to write: nothing to retry
+                with self._cond:
+                    self._refused.pop(container_id, None)
+            elif have is None or (have.key, have.value) != (want.key, want.value):
+                puts.append((want, have is not None and have.key == want.key))
+                owner[want.key] = container_id
+            else:
+                self.known[container_id] = want
+            if have is not None and (want is None or have.key != want.key):
+                why = removal_reason(not dirty[container_id]) if want is None else "key changed"
+                removals.append((have.key, have, why))
+                owner[have.key] = container_id
+        done: set[str] = set()
+        try:
+            self._apply(removals, puts, done=done)
+        except Exception:
+            self._requeue({owner[key]: dirty[owner[key]] for key in owner.keys() - done})
+            raise
 
     def _requeue(self, dirty: dict[str, bool]) -> None:
         with self._cond:
@@ -1689,55 +2394,33 @@ class Reconciler:
                                    [listed.get(cid) for cid in ids])
         desired = {entry.key: entry for entry in wanted.values() if isinstance(entry, Entry)}
         unknown = {cid for cid, entry in wanted.items() if entry is UNKNOWN}
-        actual = self.registry.read_subtree()
+        actual = self.registry.read()
 
         previous, known = self.known, {}
-        for key, value in actual.leaves.items():  # records already right are left untouched
+        for key, value in actual.values.items():  # records already right are left untouched
             entry = desired.get(key)
-            if entry is not None and entry.value == value:
+            if entry is not None and entry.value == value and key not in actual.detached:
                 known[entry.container_id] = entry
         self.known = known
-        changed = [entry for key, entry in desired.items() if key not in actual.leaves
-                   or actual.leaves[key] != entry.value]
+        changed = [entry for key, entry in desired.items() if key not in actual.values
+                   or actual.values[key] != entry.value or key in actual.detached]
         # a record etcd refused waits for its own retry, so that it costs nothing meanwhile
         puts = [entry for entry in changed if not self._refusal_pending(entry.container_id)]
-        stale = [key for key in actual.leaves
+        stale = [key for key in actual.values
                  if key not in desired and key_container_id(key) not in unknown]
-        refused = []
-
-        def put(entry: Entry) -> None:
-            try:
-                self._register(entry, entry if entry.key in actual.leaves else None)
-            except RecordRefused:
-                refused.append(entry.key)
-                return
-            self.known[entry.container_id] = entry
-
-        def delete(key: str) -> None:
+        removals = []
+        for key in stale:
             entry = previous.get(key_container_id(key))
             if entry is not None and entry.key == key:  # its removal was pending: say what it was
-                self._unregister(entry, removal_reason(entry.container_id in listed), prune=False)
-                return
-            self.registry.delete(key)
-            log_event(logging.INFO, f"removed stale {describe_record(key, actual.leaves[key])}: "
-                      "no such running container", event="removed", key=key)
-
-        # Removals first: a write that fails must never keep a dead container advertised.
-        self._map(delete, stale)
-        self._map(put, puts)
-        # Directories holding no wanted record go: image directories left empty, and anything
-        # deeper than a record (which no version of this service writes).
-        keep = {key.rsplit("/", 1)[0] for key in desired}
-        keep |= {key.rsplit("/", 1)[0] for key in actual.leaves if key_container_id(key) in unknown}
-        doomed = actual.dirs - keep - desired.keys()  # a directory at a record's key was replaced
-        for directory in doomed:
-            if directory.rsplit("/", 1)[0] not in doomed:  # its parent's deletion takes it along
-                self.registry.delete_tree(directory)
-        if not desired and not unknown:
-            self.registry.prune_host_dir()
+                removals.append((key, entry, removal_reason(entry.container_id in listed)))
+            else:
+                removals.append((key, None, describe_record(key, actual.values[key])))
+        # What stays: the adapter tidies around it (v2: directories that hold none of it).
+        keep = set(desired) | {key for key in actual.values if key_container_id(key) in unknown}
+        refused = self._apply(removals, [(entry, entry.key in actual.values) for entry in puts], keep)
         self.full_reconciles += 1
         routine = reasons == ["periodic resync"] and not puts and not stale
-        written = len(puts) - len(refused)
+        written = len(puts) - refused
         with self._cond:  # refused earlier, not due yet: left as they are (UNKNOWN) this time
             held = sum(1 for cid in unknown if cid in self._refused)
         waiting = len(changed) - written + held
@@ -1865,13 +2548,15 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    registry = EtcdRegistry(config)
+    registry = make_registry(config)
     engine = DockerEngine(config.docker_host)
     reconciler = Reconciler(config, registry, engine, stop)
+    user = f", user {config.etcd_username}" if config.etcd_username else ""
     log_event(logging.INFO,
               f"docker-etcd-register {VERSION}: host {config.host_ip}, etcd "
-              f"{','.join(e.url for e in config.etcd_endpoints)}, subtree {config.host_dir}/, "
-              f"docker {config.docker_host}, ttl {config.ttl} s, resync {config.resync} s",
+              f"{','.join(e.url for e in config.etcd_endpoints)} (v{config.etcd_api} API{user}), "
+              f"subtree {config.host_dir}/, docker {config.docker_host}, ttl {config.ttl} s, "
+              f"resync {config.resync} s",
               event="starting", host_ip=config.host_ip, prefix=config.prefix)
     for warning in host_ip_warnings(config.host_ip):
         log_event(logging.WARNING, warning, event="host_ip")
@@ -1889,6 +2574,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic() - (DEREGISTER_SECONDS
                                                             if config.deregister_on_exit else 0)))
+    if reconciler.fatal:
+        print(f"{PROG}: error: {reconciler.fatal}", file=sys.stderr)
+        return 2
     if config.deregister_on_exit:
         deregister(registry, deadline)
     log.info("stopped; %d record(s) left in place", 0 if config.deregister_on_exit
@@ -1896,13 +2584,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     return 0
 
 
-def deregister(registry: EtcdRegistry, deadline: float) -> None:
+def deregister(registry: Registry, deadline: float) -> None:
     """Delete this host's subtree, giving up at the shutdown deadline (the TTL then takes it)."""
     done = threading.Event()
 
     def delete() -> None:
         try:
-            registry.delete_host_subtree()
+            registry.clear()
             log.info("deleted %s/ (--deregister-on-exit)", registry.host_dir)
         except Unavailable as exc:
             log.error("could not delete %s/ on exit: %s; it expires with its TTL", registry.host_dir, exc)

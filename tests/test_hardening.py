@@ -96,11 +96,12 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
 
     registry._connection = spying_connection
     record = "/scope/10.99.0.1/img:latest/" + "b" * 64
-    assert registry.ensure_host_dir() is True
+    assert registry.prepare() is True
     assert registry.refresh() is None
     registry.put(record, "[]")
-    registry.delete(record)
-    registry.prune_after_delete(record)
+    done = []
+    registry.apply([record], [], lambda key, refusal: done.append((key, refusal)))  # and prunes
+    assert done == [(record, None)]
     client.write(record + "/in-the-way", "x")  # a directory at the record's key: replaced
     registry.put(record, "[]")
     registry.delete_tree(record.rsplit("/", 1)[0])
@@ -108,7 +109,7 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
     client.write("/scope/10.99.0.1", "a plain value", ttl=30)
     assert registry.refresh() == "had been replaced by a plain value, now removed"
     registry._dir_ready = False
-    assert registry.ensure_host_dir() is True
+    assert registry.prepare() is True
     # keys an operator put there with characters a URL reads otherwise: deleted exactly, escaped
     odd = ["/scope/10.99.0.1/a b", "/scope/10.99.0.1/a?recursive=true", "/scope/10.99.0.1/caf\u00e9#1"]
     for key in [*odd, "/scope/10.99.0.1/a", "/scope/10.99.0.1/keep"]:
@@ -118,7 +119,7 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
     for key in odd:
         registry.delete(key)
     assert sorted(read_tree(client, "/scope/10.99.0.1")) == ["/scope/10.99.0.1/a", "/scope/10.99.0.1/keep"]
-    registry.delete_host_subtree()
+    registry.clear()
     assert sent == checked and len(sent) >= 15
 
     outside = ["/scope/10.99.0.1/../../elsewhere/x", "/scope/10.99.0.1/./x", "/scope/10.99.0.1/a//b",

@@ -26,26 +26,45 @@ def config(ttl: int = 30, resync: int = 60, port: int = 2379) -> Config:
 
 
 class FakeRegistry:
+    """The registry seam (register.Registry), in memory: for the reconciler's timing alone."""
+    API = 2
+    LIVENESS = "host directory"
     host_dir = "/registered/10.0.0.1"
     writes = 0
 
     def __init__(self):
         self.refreshes = 0
         self.dir_present = True
+        self.records = {}
 
-    def ensure_host_dir(self):
+    def prepare(self):
         return False
 
-    def refresh(self):
+    def heartbeat(self):
         self.refreshes += 1
         present, self.dir_present = self.dir_present, True
-        return None if present else "had expired or lost its TTL"
+        return None if present else f"host directory {self.host_dir} had expired or lost its TTL"
 
-    def read_subtree(self):
-        return register.Subtree({}, set())
+    def read(self):  # what a full reconcile finds: nothing (these tests follow events, not drift)
+        return register.Records({})
 
-    def prune_host_dir(self):
-        pass
+    def apply(self, deletes, puts, report, keep=None):
+        for key in deletes:
+            self.delete(key)
+            report(key, None)
+        for key, value in puts:
+            try:
+                self.put(key, value)
+            except register.RecordRefused as exc:
+                report(key, exc)
+                continue
+            report(key, None)
+
+    def put(self, key, value):
+        self.records[key] = value
+
+    def delete(self, key):
+        self.records.pop(key, None)
 
 
 class FakeEngine:
@@ -204,18 +223,11 @@ class FlakyRegistry(FakeRegistry):
     def __init__(self, failing: bool = True):
         super().__init__()
         self.failing = failing
-        self.records = {}
 
     def put(self, key, value):
         if self.failing:
             raise register.RegistryUnavailable("etcd at http://127.0.0.1:2379 failed: timed out")
         self.records[key] = value
-
-    def delete(self, key):
-        del self.records[key]
-
-    def prune_after_delete(self, key):
-        pass
 
 
 class OneContainerEngine(FakeEngine):

