@@ -1168,14 +1168,14 @@ class EtcdV2Registry(Registry):
     POOL = 16
     LIVENESS = "host directory"
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, pool: ThreadPoolExecutor | None = None):
         super().__init__(config)
         self._ca_file = config.etcd_ca_file
         self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
         self._client: etcd.Client | None = None
         self._dir_ready = False
         self._dirs: set[str] = set()  # the directories below the host directory, as last read
-        self._pool = ThreadPoolExecutor(8, thread_name_prefix="etcd")
+        self._pool = pool  # shared with the reconciler's inspects: the service's one I/O pool
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
         auth = (self.config.etcd_username, self._password()) if self.config.etcd_username else None
@@ -1418,6 +1418,8 @@ class EtcdV2Registry(Registry):
             for item in items:
                 function(item)
             return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(8, thread_name_prefix="io")
         for _ in self._pool.map(function, items):  # raises the first failure, once all are done
             pass
 
@@ -1867,8 +1869,9 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def make_registry(config: Config) -> Registry:
-    return EtcdV3Registry(config) if config.etcd_api == 3 else EtcdV2Registry(config)
+def make_registry(config: Config, pool: ThreadPoolExecutor | None = None) -> Registry:
+    """The adapter for ETCD_API; v2 sends its requests one per key, on `pool`."""
+    return EtcdV3Registry(config) if config.etcd_api == 3 else EtcdV2Registry(config, pool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1973,7 +1976,7 @@ class Reconciler:
     WORKERS = 8
 
     def __init__(self, config: Config, registry: Registry, engine: DockerEngine,
-                 stop: threading.Event):
+                 stop: threading.Event, pool: ThreadPoolExecutor | None = None):
         self.config = config
         self.registry = registry
         self.engine = engine
@@ -1993,7 +1996,7 @@ class Reconciler:
         # them) -> since when: network events matter only to these
         self._running: dict[str, float] = {}
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
-        self._pool = ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
+        self._pool = pool or ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
         self._refresh = Timer(config.ttl / 3, due_now=False) if config.ttl else None
         self._failures = RetrySchedule()
@@ -2548,9 +2551,10 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    registry = make_registry(config)
+    pool = ThreadPoolExecutor(Reconciler.WORKERS, thread_name_prefix="io")
+    registry = make_registry(config, pool)
     engine = DockerEngine(config.docker_host)
-    reconciler = Reconciler(config, registry, engine, stop)
+    reconciler = Reconciler(config, registry, engine, stop, pool)
     user = f", user {config.etcd_username}" if config.etcd_username else ""
     log_event(logging.INFO,
               f"docker-etcd-register {VERSION}: host {config.host_ip}, etcd "

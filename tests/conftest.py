@@ -6,9 +6,9 @@ import os
 import shutil
 import signal
 
-import etcd
 import invariant
 import pytest
+import store
 import testbed
 from testbed import HOST, Registrar
 
@@ -24,12 +24,49 @@ def workdir():
         shutil.rmtree(path, ignore_errors=True)
 
 
+# Which etcd the integration and chaos suites run against: each test that uses etcd runs on both.
+# v3 on etcd 3.5.1 started with its defaults (no v2); v2 on Debian's etcd 3.4 with --enable-v2.
+# The other two combinations run the shared contract suite (test_contract.py).
+FLAVOURS = {"v2": {"api": 2, "version": "3.4", "v2": True},
+            "v3": {"api": 3, "version": "3.5", "v2": False}}
+
+
+@pytest.fixture(scope="session", params=list(FLAVOURS))
+def flavour(request) -> dict:
+    return {"name": request.param, **FLAVOURS[request.param]}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests of v2 mechanics (directories, python-etcd), and tests that choose their own etcd and
+    API, run once: in the v2 flavour."""
+    kept = [item for item in items if not ((item.get_closest_marker("v2_only") or item.get_closest_marker(
+        "own_flavour")) and getattr(
+        item, "callspec", None) and item.callspec.params.get("flavour") == "v3")]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+        items[:] = kept
+
+
 @pytest.fixture(scope="session")
-def etcd_server(workdir):
-    server = testbed.EtcdServer(workdir)
+def new_etcd(workdir, flavour):
+    """new_etcd(name, **settings): an etcd server of this run's flavour, not started."""
+    def make(name: str, **settings) -> testbed.EtcdServer:
+        return testbed.EtcdServer(workdir, name=f"{name}-{flavour['name']}", version=flavour["version"],
+                                  v2=flavour["v2"], api=flavour["api"], **settings)
+    return make
+
+
+@pytest.fixture(scope="session")
+def etcd_server(new_etcd):
+    server = new_etcd("regtest")
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def api(flavour) -> int:
+    return flavour["api"]
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +84,9 @@ def engine(workdir):
 
 
 @pytest.fixture
-def own_etcd(workdir):
+def own_etcd(new_etcd):
     """An etcd of the test's own, to kill, pause, wipe or fill with junk."""
-    server = testbed.EtcdServer(workdir, name=f"own{next(_servers)}")
+    server = new_etcd(f"own{next(_servers)}")
     server.start()
     yield server
     if server.process.poll() is None:
@@ -65,8 +102,9 @@ def docker(engine):
 
 
 @pytest.fixture
-def client(etcd_server) -> etcd.Client:
-    return etcd_server.client()
+def client(etcd_server) -> store.Store:
+    """The suite's etcd, through the API of this run's flavour (tests/store.py)."""
+    return etcd_server.store()
 
 
 @pytest.fixture
@@ -75,7 +113,7 @@ def prefix() -> str:
 
 
 @pytest.fixture
-def registrar(workdir, etcd_server, engine, prefix):
+def registrar(workdir, etcd_server, engine, prefix, flavour):
     """start(**settings) runs register.py with this test's prefix; all are killed at teardown."""
     started: list[Registrar] = []
 
@@ -85,7 +123,8 @@ def registrar(workdir, etcd_server, engine, prefix):
         settings = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
                     "DOCKER_HOST": docker_host or engine.host,
                     "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
-                    "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug", **(env or {})}
+                    "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug",
+                    "ETCD_API": str(flavour["api"]), **(env or {})}
         started.append(Registrar(workdir, settings, list(args), wrapper=list(wrapper)).start())
         return started[-1]
 

@@ -16,6 +16,7 @@ import re
 import time
 
 import etcd
+from store import Store
 from testbed import DockerEngine, Registrar, read_tree
 
 # Convergence times measured by the fault tests: (fault, seconds), printed at the end of the
@@ -137,7 +138,7 @@ def diff(expected: dict[str, str], actual: dict[str, str]) -> str:
 class Invariant:
     """Checks the invariant for one registrar's host; seeds neighbours whose keys must not move."""
 
-    def __init__(self, engine: DockerEngine, client: etcd.Client, prefix: str, host: str,
+    def __init__(self, engine: DockerEngine, client: Store, prefix: str, host: str,
                  ttl: bool = True):
         self.engine = engine
         self.client = client
@@ -154,8 +155,9 @@ class Invariant:
         values = {f"{self.prefix}/{other}/neighbour::app:1/{'a' * 64}":
                   f'[{{"container":"{"a" * 64}","ip":"{other}"}}]' for other in neighbour_hosts}
         values[f"{self.prefix}-other/{self.host}/neighbour::app:1/{'b' * 64}"] = "[]"
-        self.neighbours = {key: (value, self.client.write(key, value).modifiedIndex)
-                           for key, value in values.items()}
+        for key, value in values.items():
+            self.client.put(key, value)
+        self.neighbours = {key: (value, self.client.revision(key)) for key, value in values.items()}
 
     def violations(self) -> str:
         """'' when the invariant holds; otherwise what is wrong, as a readable diff."""
@@ -163,22 +165,25 @@ class Invariant:
         actual = read_tree(self.client, self.host_dir)
         problems = [diff(expected, actual)] if expected != actual else []
         if self.ttl:
-            try:
-                if self.client.read(self.host_dir).ttl is None:
-                    problems.append(f"  {self.host_dir} has no TTL")
-            except etcd.EtcdKeyNotFound:
+            liveness = self.client.liveness(self.host_dir)
+            if liveness is None:
                 problems.append(f"  {self.host_dir} is missing")
+            elif liveness <= 0:
+                problems.append(f"  {self.host_dir} has no TTL (v2) or no live lease (v3)")
+            elif self.client.api == 3:  # every record goes with the host's lease
+                lease = self.client.lease_of(self.host_dir)
+                problems += [f"  {key} is not on the host's lease {lease:x}" for key in actual
+                             if self.client.lease_of(key) != lease]
         return "\n".join(problems + self.neighbour_changes())
 
     def neighbour_changes(self) -> list[str]:
         changes = []
         for key, (value, index) in self.neighbours.items():
-            try:
-                node = self.client.read(key)
-                if (node.value, node.modifiedIndex) != (value, index):
-                    changes.append(f"  neighbour {key} changed: {node.value} at {node.modifiedIndex}")
-            except etcd.EtcdKeyNotFound:
+            now = self.client.get(key)
+            if now is None:
                 changes.append(f"  neighbour {key} was deleted")
+            elif (now, self.client.revision(key)) != (value, index):
+                changes.append(f"  neighbour {key} changed: {now} at {self.client.revision(key)}")
         return changes
 
     def wait(self, timeout: float, registrar: Registrar | None = None, *, since: float | None = None,
@@ -205,7 +210,7 @@ class Invariant:
 
     def record_indexes(self, container_ids) -> dict[str, int]:
         """key -> modifiedIndex of these containers' records: unchanged means never rewritten."""
-        return {key: self.client.read(key).modifiedIndex for key in read_tree(self.client, self.host_dir)
+        return {key: self.client.revision(key) for key in read_tree(self.client, self.host_dir)
                 if key.rsplit("/", 1)[1] in container_ids}
 
     def holds(self) -> None:

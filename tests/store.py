@@ -65,6 +65,9 @@ class V2Store(Store):
     def __init__(self, client: etcd.Client):
         self.client = client
 
+    def __getattr__(self, name: str):  # the rest of python-etcd's client, for v2-only checks
+        return getattr(self.client, name)
+
     def records(self, host_dir: str) -> dict[str, str]:
         try:
             top = self.client.read(host_dir, recursive=True)

@@ -236,6 +236,57 @@ def test_credentials_in_an_address_are_refused_and_never_printed(env, args, line
     assert "s3cret" not in result.stderr and "admin" not in result.stderr
 
 
+AUTH_EXAMPLE = "e.g. ETCD_PASSWORD_FILE=/run/secrets/etcd-password"
+
+
+@pytest.mark.parametrize(("env", "args", "line"), [
+    ({**GOOD, "ETCD_API": "4"}, [],
+     "ETCD_API='4' is not one of the choices; expected 2 or 3, e.g. ETCD_API=3"),
+    (GOOD, ["--etcd-api", "v3"],
+     "--etcd-api='v3' is not one of the choices; expected 2 or 3, e.g. --etcd-api=3"),
+    ({**GOOD, "ETCD_PASSWORD": "s3cret-pw"}, [],
+     "ETCD_PASSWORD is set but ETCD_USERNAME is not; expected both, e.g. ETCD_USERNAME=registrar"),
+    ({**GOOD, "ETCD_USERNAME": "registrar"}, [],
+     f"ETCD_USERNAME is set but neither ETCD_PASSWORD nor ETCD_PASSWORD_FILE is; expected one of them, "
+     f"{AUTH_EXAMPLE}"),
+    ({**GOOD, "ETCD_USERNAME": "registrar", "ETCD_PASSWORD": "s3cret-pw",
+      "ETCD_PASSWORD_FILE": "/etc/hostname"}, [],
+     f"ETCD_PASSWORD and ETCD_PASSWORD_FILE are both set; expected one of them, {AUTH_EXAMPLE}"),
+    ({**GOOD, "ETCD_USERNAME": "reg istrar", "ETCD_PASSWORD": "s3cret-pw"}, [],
+     "ETCD_USERNAME='reg istrar' holds a space, a colon or a control character; expected an etcd user "
+     "name, without spaces, colons or control characters, e.g. ETCD_USERNAME=registrar"),
+    ({**GOOD, "ETCD_USERNAME": "registrar"}, ["--etcd-password-file", "/nonexistent/pw"],
+     "--etcd-password-file='/nonexistent/pw' is not a readable file; expected a readable file holding the "
+     "password (a trailing newline is ignored), e.g. --etcd-password-file=/run/secrets/etcd-password"),
+    ({**GOOD, "ETCD_USERNAME": "registrar"}, ["--etcd-password", "s3cret-pw"],
+     "there is no --etcd-password flag (a password on the command line shows in ps); expected "
+     "ETCD_PASSWORD in the environment or --etcd-password-file"),
+    ({**GOOD, "ETCD_USERNAME": "registrar"}, ["--etcd-password=s3cret-pw"],
+     "there is no --etcd-password flag (a password on the command line shows in ps); expected "
+     "ETCD_PASSWORD in the environment or --etcd-password-file"),
+])
+def test_bad_authentication_settings_are_one_line_and_never_print_the_password(env, args, line):
+    result = run_register(env, *args)
+    assert (result.returncode, result.stderr, result.stdout) == (2, f"register.py: error: {line}\n", "")
+    assert "s3cret" not in result.stderr
+
+
+def test_the_password_file_loses_its_trailing_newline_only_and_an_empty_one_is_refused(tmp_path):
+    secret = tmp_path / "pw"
+    secret.write_text(" s3cret pw \n")
+    config = load_config(["--etcd-password-file", str(secret)], {**GOOD, "ETCD_USERNAME": "registrar"})
+    assert register.read_password_file(config.etcd_password_file) == " s3cret pw "
+    assert "s3cret" not in repr(config)
+    config = load_config([], {**GOOD, "ETCD_USERNAME": "registrar", "ETCD_PASSWORD": "s3cret"})
+    assert (config.etcd_password, "s3cret" in repr(config)) == ("s3cret", False)
+    secret.write_text("\n")
+    result = run_register({**GOOD, "ETCD_USERNAME": "registrar", "ETCD_PASSWORD_FILE": str(secret)})
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"register.py: error: ETCD_PASSWORD_FILE={str(secret)!r} is empty; expected a readable file holding "
+        "the password (a trailing newline is ignored), e.g. ETCD_PASSWORD_FILE=/run/secrets/etcd-password\n")
+
+
 def test_help_documents_every_setting_with_its_default():
     result = run_register({}, "--help")
     assert result.returncode == 0
@@ -248,6 +299,8 @@ def test_help_documents_every_setting_with_its_default():
         ("ETCD_KEY_FILE", "--etcd-key-file", None),
         ("LOG_FORMAT", "--log-format", "text"), ("DOCKER_HOST", "--docker-host", None),
         ("REGISTER_MAX_RECORD_BYTES", "--max-record-bytes", "524288"),
+        ("ETCD_API", "--etcd-api", "2"), ("ETCD_USERNAME", "--etcd-username", None),
+        ("ETCD_PASSWORD_FILE", "--etcd-password-file", None),
     ]:
         assert f"{flag} {env}" in text
         assert f"[env {env}]" in text

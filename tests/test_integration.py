@@ -61,7 +61,7 @@ def converge(client, key: str, expected: dict, registrar: Registrar | None = Non
 
 
 def index_of(client, key: str) -> int:
-    return client.read(key).modifiedIndex
+    return client.revision(key)
 
 
 # -- what gets registered ---------------------------------------------------------------------
@@ -183,8 +183,10 @@ def test_start_registers_die_removes_and_prunes_the_image_directory(docker, clie
              {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8300, 80))}, r)
     docker.docker("stop", "-t", "0", cid)
     converge(client, f"{prefix}/{HOST}", {}, r)
-    top = client.read(f"{prefix}/{HOST}", recursive=True)
-    assert top.dir and list(top.get_subtree()) == [top]  # image directory pruned, host directory kept
+    assert client.host_present(f"{prefix}/{HOST}")  # the host stays listed while its registrar lives
+    if client.api == 2:
+        top = client.read(f"{prefix}/{HOST}", recursive=True)
+        assert top.dir and list(top.get_subtree()) == [top]  # image directory pruned
     assert (f"removed late ({cid[:12]}) image regtest/busybox:1 ports 80/tcp={HOST}:8300: "
             "container stopped or gone") in r.log
 
@@ -248,8 +250,9 @@ def test_startup_removes_stale_keys_keeps_right_ones_and_never_touches_other_hos
     running = run(docker, "-p", "8330:80", BASE_IMAGE)
     missing = run(docker, "-p", "8331:80", BASE_IMAGE)
     right_key = f"{prefix}/{HOST}/{IMAGE}/{running}"
-    client.write(f"{prefix}/{HOST}", None, dir=True, ttl=60)
-    client.write(right_key, val(rec(running, HOST, 8330, 80)))
+    if client.api == 2:
+        client.write(f"{prefix}/{HOST}", None, dir=True, ttl=60)
+    client.put(right_key, val(rec(running, HOST, 8330, 80)))
     stale = {  # this host's: a container that no longer exists, odd leftovers
         f"{prefix}/{HOST}/{IMAGE}/{'d' * 64}": val(rec("d" * 64, HOST, 1234, 80)),
         f"{prefix}/{HOST}/old::image:2/{'e' * 64}": "[]",
@@ -263,7 +266,7 @@ def test_startup_removes_stale_keys_keeps_right_ones_and_never_touches_other_hos
         f"{prefix}-other/{HOST}/{IMAGE}/{'c' * 64}": "[]",
     }
     for key, value in {**stale, **others}.items():
-        client.write(key, value)
+        client.put(key, value)
     other_indexes = {key: index_of(client, key) for key in others}
     right_index = index_of(client, right_key)
 
@@ -272,12 +275,17 @@ def test_startup_removes_stale_keys_keeps_right_ones_and_never_touches_other_hos
         right_key: val(rec(running, HOST, 8330, 80)),
         f"{prefix}/{HOST}/{IMAGE}/{missing}": val(rec(missing, HOST, 8331, 80))}, r)
     r.wait_for_log("full reconcile")
-    assert index_of(client, right_key) == right_index  # not rewritten
-    assert {key: client.read(key).value for key in others} == others
+    assert {key: client.get(key) for key in others} == others
     assert {key: index_of(client, key) for key in others} == other_indexes
-    with pytest.raises(etcd.EtcdKeyNotFound):
-        client.read(f"{prefix}/{HOST}/old::image:2")  # emptied image directories go too
-    assert "1 written, 4 removed, 1 already right" in r.log
+    if client.api == 2:
+        assert index_of(client, right_key) == right_index  # not rewritten
+        with pytest.raises(etcd.EtcdKeyNotFound):
+            client.read(f"{prefix}/{HOST}/old::image:2")  # emptied image directories go too
+        assert "1 written, 4 removed, 1 already right" in r.log
+    else:  # right, but on no lease: it would outlive the host, so it is written again on the lease
+        lease = client.lease_of(f"{prefix}/{HOST}")
+        assert lease and client.lease_of(right_key) == lease
+        assert "2 written, 4 removed, 0 already right" in r.log
     assert (f"removed stale record of dddddddddddd image {IMAGE} ports 80/tcp={HOST}:1234 "
             f"({prefix}/{HOST}/{IMAGE}/{'d' * 64}): no such running container") in r.log
     assert f"removed stale key {prefix}/{HOST}/not-a-record: no such running container" in r.log
@@ -291,13 +299,13 @@ def test_a_restart_of_the_service_writes_nothing(docker, client, registrar, pref
     converge(client, f"{prefix}/{HOST}", expected, first)
     assert first.stop() == 0
     assert read_tree(client, f"{prefix}/{HOST}") == expected  # records stay on a plain stop
-    etcd_index = client.read("/").etcd_index
+    etcd_index = client.head()
     second = registrar()
     second.wait_for_log("full reconcile")
     assert "0 written, 0 removed, 3 already right" in second.log
-    with pytest.raises(etcd.EtcdWatchTimedOut):  # nothing at all changed under the prefix
-        change = client.watch(prefix, index=etcd_index + 1, recursive=True, timeout=1)
-        pytest.fail(f"register.py changed {change.key} ({change.action}) on restart")
+    assert client.changes_since(prefix, etcd_index) == 0  # nothing at all changed under the prefix
+    if client.api == 3:
+        assert "adopted lease" in second.log
 
 
 def test_sigterm_stops_within_two_seconds_and_deregister_on_exit_deletes_the_subtree(
@@ -311,9 +319,9 @@ def test_sigterm_stops_within_two_seconds_and_deregister_on_exit_deletes_the_sub
     leaving = registrar(args=("--deregister-on-exit",))
     leaving.wait_for_log("full reconcile")
     assert leaving.stop(signal.SIGINT, timeout=2) == 0
-    with pytest.raises(etcd.EtcdKeyNotFound):
-        client.read(f"{prefix}/{HOST}")
-    assert client.read(prefix).dir  # only this host's subtree went
+    assert not client.host_present(f"{prefix}/{HOST}") and read_tree(client, f"{prefix}/{HOST}") == {}
+    if client.api == 2:
+        assert client.read(prefix).dir  # only this host's subtree went
 
 
 def test_host_directory_has_a_ttl_refreshed_and_restored_when_deleted(docker, client, registrar, prefix):
@@ -321,15 +329,23 @@ def test_host_directory_has_a_ttl_refreshed_and_restored_when_deleted(docker, cl
     expected = {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8360, 80))}
     r = registrar(ttl=6)
     converge(client, f"{prefix}/{HOST}", expected, r)
-    assert 0 < client.read(f"{prefix}/{HOST}").ttl <= 6
+    assert 0 < client.liveness(f"{prefix}/{HOST}") <= 6
     time.sleep(7)  # longer than the TTL: only the refreshes keep it
     assert read_tree(client, f"{prefix}/{HOST}") == expected
-    client.delete(f"{prefix}/{HOST}", recursive=True, dir=True)  # an operator's mistake
+    if client.api == 2:
+        client.delete(f"{prefix}/{HOST}")  # an operator's mistake
+        lost = "had expired or lost its TTL; re-registering everything"
+    else:
+        lease = client.lease_of(f"{prefix}/{HOST}")
+        client.revoke(lease)  # an operator's mistake: every key on it goes
+        lost = f"lease {lease:x} of {prefix}/{HOST} had expired or been revoked; re-registering everything"
     converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)  # the next refresh (every 2 s) sees it
-    assert 0 < client.read(f"{prefix}/{HOST}").ttl <= 6
-    assert "had expired or lost its TTL; re-registering everything" in r.log
+    wait_until(lambda: client.host_present(f"{prefix}/{HOST}"), 5, "the host key")
+    assert 0 < client.liveness(f"{prefix}/{HOST}") <= 6
+    assert lost in r.log
 
 
+@pytest.mark.v2_only
 def test_without_ttl_the_empty_host_directory_goes(docker, client, registrar, prefix):
     r = registrar(ttl=0)
     r.wait_for_log("connected to Docker")
@@ -361,25 +377,32 @@ def test_drift_is_repaired_by_the_periodic_resync(docker, client, registrar, pre
     r = registrar(resync=2)
     converge(client, f"{prefix}/{HOST}", expected, r)
     client.delete(f"{prefix}/{HOST}/{IMAGE}/{a}")
-    client.write(f"{prefix}/{HOST}/{IMAGE}/{a}/junk", "a directory where a record belongs")
-    client.write(f"{prefix}/{HOST}/{IMAGE}/{b}", "wrong")
-    client.write(f"{prefix}/{HOST}/{IMAGE}/{'9' * 64}", "stale")
-    client.write(f"{prefix}/{HOST}/other::image:1", "a value where a directory belongs")
+    client.put(f"{prefix}/{HOST}/{IMAGE}/{a}/junk", "a directory where a record belongs")
+    client.put(f"{prefix}/{HOST}/{IMAGE}/{b}", "wrong")
+    client.put(f"{prefix}/{HOST}/{IMAGE}/{'9' * 64}", "stale")
+    client.put(f"{prefix}/{HOST}/other::image:1", "a value where a directory belongs")
     converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)
-    client.delete(f"{prefix}/{HOST}/{IMAGE}", recursive=True, dir=True)
-    client.write(f"{prefix}/{HOST}/{IMAGE}", "a value where a directory belongs")
+    client.delete(f"{prefix}/{HOST}/{IMAGE}")  # v2: the whole image directory
+    for key in expected:  # v3 has no directories: the records one by one
+        client.delete(key)
+    client.put(f"{prefix}/{HOST}/{IMAGE}", "a value where a directory belongs")
     converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)
+    if client.api == 3:  # an operator's key, right but on no lease: on the lease again
+        client.put(f"{prefix}/{HOST}/{IMAGE}/{a}", expected[f"{prefix}/{HOST}/{IMAGE}/{a}"])
+        lease = client.lease_of(f"{prefix}/{HOST}")
+        wait_until(lambda: client.lease_of(f"{prefix}/{HOST}/{IMAGE}/{a}") == lease, 10,
+                   "the record to be back on the lease")
     assert "unexpected error" not in r.log
 
 
-def test_waits_for_etcd_with_backoff_then_registers(docker, client, registrar, prefix, workdir):
+def test_waits_for_etcd_with_backoff_then_registers(docker, client, registrar, prefix, new_etcd):
     cid = run(docker, "-p", "8390:80", BASE_IMAGE)
-    late = testbed.EtcdServer(workdir, name="late")
+    late = new_etcd("late")
     r = registrar(endpoint=late.endpoint)
     r.wait_for_log(f"etcd at {late.url} failed: connection refused; 0 container(s) pending; retrying in")
     late.start()
     try:
-        converge(late.client(), f"{prefix}/{HOST}",
+        converge(late.store(), f"{prefix}/{HOST}",
                  {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8390, 80))}, r)
         r.wait_for_log("recovered after")
     finally:
@@ -464,11 +487,11 @@ def test_json_log_lines(docker, client, registrar, prefix):
         f"registered jsonlog ({cid[:12]}) image regtest/busybox:1 ports 80/tcp={HOST}:8398"
 
 
-def test_writes_missed_while_etcd_is_down_are_made_when_it_returns(docker, registrar, prefix, workdir):
-    own = testbed.EtcdServer(workdir, name="outage")
+def test_writes_missed_while_etcd_is_down_are_made_when_it_returns(docker, registrar, prefix, new_etcd):
+    own = new_etcd("outage")
     own.start()
     try:
-        client = own.client()
+        client = own.store()
         leaving = run(docker, "-p", "8401:80", BASE_IMAGE)
         r = registrar(endpoint=own.endpoint)
         converge(client, f"{prefix}/{HOST}",
@@ -497,16 +520,16 @@ def test_waits_for_the_docker_socket_then_registers(docker, client, registrar, p
     r.wait_for_log(f"connected to Docker at unix://{later}")
 
 
-def test_sigterm_exits_within_two_seconds_while_etcd_stalls(docker, registrar, prefix, workdir):
-    own = testbed.EtcdServer(workdir, name="stalled")
+def test_sigterm_exits_within_two_seconds_while_etcd_stalls(docker, registrar, prefix, new_etcd):
+    own = new_etcd("stalled")
     own.start()
     try:
         first = run(docker, "-p", "8404:80", BASE_IMAGE)
         plain = registrar(endpoint=own.endpoint)
         leaving = registrar(endpoint=own.endpoint, host="10.99.0.2", args=("--deregister-on-exit",))
-        converge(own.client(), f"{prefix}/{HOST}",
+        converge(own.store(), f"{prefix}/{HOST}",
                  {f"{prefix}/{HOST}/{IMAGE}/{first}": val(rec(first, HOST, 8404, 80))}, plain)
-        converge(own.client(), f"{prefix}/10.99.0.2",
+        converge(own.store(), f"{prefix}/10.99.0.2",
                  {f"{prefix}/10.99.0.2/{IMAGE}/{first}": val(rec(first, "10.99.0.2", 8404, 80))}, leaving)
         own.process.send_signal(signal.SIGSTOP)  # etcd stalls: requests hang until their timeout
         run(docker, "-p", "8405:80", BASE_IMAGE)  # a put that hangs
@@ -520,18 +543,18 @@ def test_sigterm_exits_within_two_seconds_while_etcd_stalls(docker, registrar, p
         own.stop()
 
 
-def test_etcd_over_tls_with_a_client_certificate(docker, registrar, prefix, workdir):
-    tls = testbed.make_tls(workdir / "tls")
-    secure = testbed.EtcdServer(workdir, name="tls", tls=tls)
+def test_etcd_over_tls_with_a_client_certificate(docker, registrar, prefix, workdir, new_etcd, api):
+    tls = testbed.make_tls(workdir / f"tls-v{api}")
+    secure = new_etcd("tls", tls=tls)
     secure.start()
     try:
         cid = run(docker, "-p", "8406:80", BASE_IMAGE)
         r = registrar(endpoint=secure.url, args=(
             "--etcd-ca-file", str(tls["ca"]), "--etcd-cert-file", str(tls["client"]),
             "--etcd-key-file", str(tls["client-key"])))
-        converge(secure.client(), f"{prefix}/{HOST}",
+        converge(secure.store(), f"{prefix}/{HOST}",
                  {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8406, 80))}, r)
-        assert r.log.count(f"etcd {secure.url}, subtree") == 1
+        assert r.log.count(f"etcd {secure.url} (v{api} API), subtree") == 1
         untrusted = registrar(endpoint=secure.url, host="10.99.0.3")  # no CA: the server is not trusted
         untrusted.wait_for_log(f"etcd at {secure.url} failed: [SSL: CERTIFICATE_VERIFY_FAILED] "
                                "certificate verify failed: unable to get local issuer certificate")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import etcd
 import requests
+import store as store_module
 
 ROOT = Path(__file__).resolve().parent.parent
 REGISTER = ROOT / "register.py"
@@ -131,13 +132,14 @@ class EtcdServer:
     With `tls` (from make_tls), it serves https and asks clients for a certificate."""
 
     def __init__(self, workdir: Path, name: str = "regtest", tls: dict[str, Path] | None = None,
-                 version: str = "3.4", v2: bool = True, flags: tuple[str, ...] = ()):
+                 version: str = "3.4", v2: bool = True, flags: tuple[str, ...] = (), api: int = 2):
         self.workdir = workdir
         self.name = name
         self.tls = tls
         self.version = version
         self.v2 = v2
         self.flags = flags
+        self.api = api  # the API the tests register through with it
         self.data_dir = workdir / f"etcd-{name}"
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -177,6 +179,19 @@ class EtcdServer:
             return answer.status_code == 200 and answer.json().get("health") == "true"
         except (requests.RequestException, ValueError):
             return False
+
+    def store(self) -> store_module.Store:
+        """What it holds, through the API the tests register with (tests/store.py)."""
+        if self.api == 2:
+            return store_module.V2Store(self.client())
+        return store_module.V3Store(self.url, session=self.http())
+
+    def grpc_calls(self, method: str) -> int:
+        """How many gRPC calls of `method` (Txn, Put, Range, LeaseKeepAlive...) this member has
+        started: the v3 gateway's requests each become one (etcd's /metrics)."""
+        text = self.http().get(f"{self.url}/metrics", timeout=5).text
+        return sum(int(float(line.rsplit(" ", 1)[1])) for line in text.splitlines()
+                   if line.startswith("grpc_server_started_total{") and f'grpc_method="{method}"' in line)
 
     def http(self) -> requests.Session:
         """A session that speaks to this server as its clients do (TLS material included)."""
@@ -373,8 +388,10 @@ class Registrar:
         end(self.process, signal.SIGKILL)
 
 
-def read_tree(client: etcd.Client, key: str) -> dict[str, str]:
+def read_tree(client: etcd.Client | store_module.Store, key: str) -> dict[str, str]:
     """Every leaf below `key` (key -> value), {} when `key` does not exist."""
+    if isinstance(client, store_module.Store):
+        return client.records(key)
     try:
         top = client.read(key, recursive=True)
     except etcd.EtcdKeyNotFound:
@@ -385,3 +402,46 @@ def read_tree(client: etcd.Client, key: str) -> dict[str, str]:
 def make_workdir() -> Path:
     # short: unix socket paths below it must stay under 108 bytes
     return Path(tempfile.mkdtemp(prefix="regtest-", dir="/tmp"))
+
+
+class EtcdCluster:
+    """Three etcd members on loopback, of one version, serving v2 too when `v2`."""
+
+    def __init__(self, workdir: Path, name: str, version: str = "3.4", v2: bool = True, api: int = 2):
+        self.members = [EtcdServer(workdir, name=f"{name}{n}", version=version, v2=v2, api=api)
+                        for n in range(3)]
+        self.initial = ",".join(f"{m.name}=http://127.0.0.1:{m.peer_port}" for m in self.members)
+
+    @property
+    def endpoint(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start_member(self, member: EtcdServer) -> None:
+        peer = f"http://127.0.0.1:{member.peer_port}"
+        member.process = spawn(
+            [etcd_binary(member.version), "--name", member.name, "--data-dir", str(member.data_dir),
+             "--listen-client-urls", member.url, "--advertise-client-urls", member.url,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", self.initial, "--initial-cluster-state", "new",
+             f"--enable-v2={str(member.v2).lower()}", "--log-level", "warn"],
+            member.workdir / f"etcd-{member.name}.log", start_new_session=True)
+
+    def start(self) -> None:
+        for member in self.members:
+            self.start_member(member)
+        for member in self.members:
+            wait_until(member._healthy, 60, f"etcd member {member.url}")
+
+    def leader(self) -> EtcdServer:
+        """The member that leads now (each member's /v3/maintenance/status names the leader)."""
+        for member in self.members:
+            if member.process and member.process.poll() is None:
+                status = member.http().post(f"{member.url}/v3/maintenance/status", json={},
+                                            timeout=5).json()
+                if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+                    return member
+        raise RuntimeError("no member leads")
+
+    def stop(self) -> None:
+        for member in self.members:
+            end(member.process)

@@ -1,0 +1,116 @@
+"""What only the v3 API has: the API check at start, batched transactions, one request per event.
+
+The rest of v3 runs the whole integration and chaos suites (the v3 flavour of tests/conftest.py)
+and the contract suite (test_contract.py); the secured etcd has test_secured.py.
+"""
+from __future__ import annotations
+
+import pytest
+import testbed
+from invariant import expected_registry
+from testbed import BASE_IMAGE, HOST, wait_until
+
+import register
+
+pytestmark = pytest.mark.integration
+
+
+def run_to_exit(registrar, **settings) -> testbed.Registrar:
+    r = registrar(**settings)
+    wait_until(lambda: r.process.poll() is not None, 30, "register.py to exit")
+    return r
+
+
+@pytest.fixture
+def server(workdir, request):
+    """start(name, version, v2, *flags) -> a running etcd, stopped at teardown."""
+    started = []
+
+    def start(name: str, version: str, v2: bool, *flags: str) -> testbed.EtcdServer:
+        etcd = testbed.EtcdServer(workdir, name=f"{name}-{len(started)}-{request.node.name[-12:]}",
+                                  version=version, v2=v2, flags=flags, api=3)
+        etcd.start()
+        started.append(etcd)
+        return etcd
+
+    yield start
+    for etcd in started:
+        etcd.stop()
+
+
+@pytest.mark.own_flavour
+def test_v2_against_an_etcd_without_v2_exits_with_code_2_and_says_what_to_change(
+        docker, registrar, server):
+    etcd = server("nov2", "3.5", False)
+    r = run_to_exit(registrar, endpoint=etcd.endpoint, env={"ETCD_API": "2"})
+    assert r.process.returncode == 2
+    line = (f"register.py: error: ETCD_API=2 but etcd at {etcd.url} (etcd 3.5.1) does not serve the v2 API "
+            "(etcd 3.4 and 3.5 serve it only when started with --enable-v2=true, 3.6 and later not at all); "
+            "set ETCD_API=3 (--etcd-api 3) to register with the v3 API, or enable v2 on every member\n")
+    assert r.log.endswith(line) and r.log.count("register.py: error:") == 1
+    assert "Traceback" not in r.log and "retrying in" not in r.log
+
+
+@pytest.mark.own_flavour
+def test_v3_against_an_etcd_whose_gateway_is_off_exits_with_code_2(docker, registrar, server):
+    etcd = server("nogw", "3.5", False, "--enable-grpc-gateway=false")
+    r = run_to_exit(registrar, endpoint=etcd.endpoint, env={"ETCD_API": "3"})
+    assert r.process.returncode == 2
+    assert r.log.endswith(
+        f"register.py: error: ETCD_API=3 but etcd at {etcd.url} (etcd 3.5.1) answers 404 under /v3/: its "
+        "HTTP gateway, which this registrar speaks v3 through, is turned off (--enable-grpc-gateway=false); "
+        "turn it on, or set ETCD_API=2 (--etcd-api 2) if the server serves v2\n")
+
+
+@pytest.mark.own_flavour
+def test_the_cluster_is_judged_not_one_member(docker, registrar, server, prefix):
+    """--enable-v2 is set per member: one member that serves v2 is enough; one that is down is
+    waited for, unless every member that answers lacks the API."""
+    without, with_v2 = server("m1", "3.4", False), server("m2", "3.4", True)
+    dead = f"127.0.0.1:{testbed.free_port()}"
+    cid = docker.out("run", "-d", "-p", "80", BASE_IMAGE)
+    r = registrar(endpoint=f"{without.endpoint},{dead},{with_v2.endpoint}", env={"ETCD_API": "2"})
+    client = with_v2.client()
+    expected = expected_registry(docker, prefix, HOST)
+    assert list(expected) == [f"{prefix}/{HOST}/regtest::busybox:1/{cid}"]
+    wait_until(lambda: testbed.read_tree(client, f"{prefix}/{HOST}") == expected, 30, "the record")
+    assert (f"etcd at {without.url} failed: HTTP 404" not in r.log)  # lacking is not failing
+    assert f"etcd at http://{dead} failed: connection refused; using {with_v2.url}" in r.log
+    lacking = run_to_exit(registrar, endpoint=f"{dead},{without.endpoint}", env={"ETCD_API": "2"},
+                          host="10.99.0.2")
+    assert lacking.process.returncode == 2
+    assert f"ETCD_API=2 but etcd at {without.url} (etcd 3.4.23) does not serve the v2 API" in lacking.log
+
+
+@pytest.mark.own_flavour
+def test_a_cold_sync_costs_one_transaction_per_128_records_and_an_event_one_request(server):
+    etcd = server("batch", "3.5", False)
+    config = register.load_config([], {"ETCD_ENDPOINT": etcd.endpoint, "HOST_IP": HOST, "ETCD_API": "3"})
+    registry = register.make_registry(config)
+    registry.prepare()
+    before = etcd.grpc_calls("Txn")
+    puts = [(f"/registered/{HOST}/img:1/{n:064x}", f'"{n}"') for n in range(300)]
+    registry.apply([], puts, lambda key, refusal: None)
+    assert etcd.grpc_calls("Txn") - before == 3  # 128 + 128 + 44
+    assert etcd.store().records(f"/registered/{HOST}") == dict(puts)
+    before = etcd.grpc_calls("Txn")
+    registry.apply([key for key, _ in puts[:200]], [], lambda key, refusal: None, keep=set())
+    assert etcd.grpc_calls("Txn") - before == 2
+    before = etcd.grpc_calls("Txn")
+    registry.apply([puts[200][0]], [(f"/registered/{HOST}/img:1/{'f' * 64}", "x")], lambda k, r: None)
+    assert etcd.grpc_calls("Txn") - before == 2  # the delete, then the put: deletes never wait on a put
+
+
+def test_one_event_is_one_write_request(docker, registrar, prefix, etcd_server, api):
+    if api != 3:
+        pytest.skip("v2 has no transactions: one request per key, as always")
+    r = registrar()
+    r.wait_for_log("full reconcile")
+    before = {method: etcd_server.grpc_calls(method) for method in ("Txn", "Put", "DeleteRange")}
+    cid = docker.out("run", "-d", "--name", "one-request", "-p", "80", BASE_IMAGE)
+    r.wait_for_log(f"registered one-request ({cid[:12]})")
+    docker.docker("rm", "-f", cid)
+    r.wait_for_log(f"removed one-request ({cid[:12]})")
+    after = {method: etcd_server.grpc_calls(method) for method in before}
+    assert {method: after[method] - before[method] for method in before} == {"Txn": 2, "Put": 0,
+                                                                            "DeleteRange": 0}
