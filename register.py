@@ -956,6 +956,10 @@ class HostLost(RegistryUnavailable):
 class LeaseGone(RegistryUnavailable):
     """etcd no longer knows the v3 lease a request named (expired, revoked, or etcd wiped)."""
 
+    def __init__(self, message: str, lease: int | None):
+        super().__init__(message)
+        self.lease = lease
+
 
 class ApiMismatch(Exception):
     """Every etcd endpoint that answers lacks the API ETCD_API names: it never fixes itself, so
@@ -1490,7 +1494,11 @@ EtcdRegistry = EtcdV2Registry
 GRPC_DEADLINE_EXCEEDED, GRPC_NOT_FOUND, GRPC_PERMISSION_DENIED = 4, 5, 7
 GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, GRPC_UNAUTHENTICATED = 8, 14, 16
 GRPC_REFUSALS = {3, 6, 7, 9, 11}  # invalid argument, exists, permission, precondition, range
-TOKEN_ERRORS = ("invalid auth token", "auth token is not provided", "invalid auth management")
+# what etcd says of a token it no longer takes: expired or from before a restart (simple tokens),
+# or issued before a user or role changed (JWT: "revision of auth store is old" on 3.4, "revision
+# in header is old" on 3.5): a new token is fetched and the request sent again
+TOKEN_ERRORS = ("invalid auth token", "auth token is not provided", "invalid auth management",
+                "revision of auth store is old", "revision in header is old")
 
 
 class Op(NamedTuple):
@@ -1612,8 +1620,8 @@ class EtcdV3Registry(Registry):
     def _refusal(self, client, exc, code: int | None, message: str, about: str, record: bool):
         """Raises what an error answer means here."""
         if code == GRPC_NOT_FOUND and "lease not found" in message:
-            self.lease, self._ready = None, False
-            raise LeaseGone(f"etcd at {client.base_url}: {message}") from exc
+            lost, self.lease, self._ready = self.lease, None, False
+            raise LeaseGone(f"etcd at {client.base_url}: {message}", lost) from exc
         # a request over the gRPC limit (max-request-bytes + 512 KiB) is refused with code 8
         if code in GRPC_REFUSALS or (code == GRPC_RESOURCE_EXHAUSTED and "larger than max" in message):
             reason = f"{message} (gRPC code {code})"
@@ -1807,8 +1815,8 @@ class EtcdV3Registry(Registry):
     def _put_host_key(self) -> None:
         try:
             self._txn([self._op(self.host_dir, self._host_value(), host_key=True)])
-        except LeaseGone:
-            raise self._lease_lost(None) from None
+        except LeaseGone as exc:
+            raise self._lease_lost(exc.lease) from None
 
     def apply(self, deletes: list[str], puts: list[tuple[str, str]], report: Report,
               keep: set | None = None) -> None:
@@ -1819,12 +1827,11 @@ class EtcdV3Registry(Registry):
             self._txn(batch)
             for op in batch:
                 report(op.key, None)
-        lease = self.lease
         try:
             for batch in self._batches([self._op(key, value) for key, value in puts]):
                 self._commit(batch, report)
-        except LeaseGone:
-            raise self._lease_lost(lease) from None
+        except LeaseGone as exc:
+            raise self._lease_lost(exc.lease) from None
 
     def _commit(self, batch: list[Op], report: Report) -> None:
         try:
