@@ -27,7 +27,8 @@ from testbed import BASE_IMAGE, HOST, REGISTER, Registrar, wait_until
 
 import register
 
-pytestmark = pytest.mark.integration
+# every test picks its own secured etcd and sets ETCD_API=3: it runs once, whatever the flavour
+pytestmark = [pytest.mark.integration, pytest.mark.own_flavour]
 
 ROOT_PASSWORD = "root-" + secrets.token_hex(8)
 USER = "registrar-user"
@@ -40,25 +41,6 @@ _servers = itertools.count(1)
 @pytest.fixture(params=["3.4", "3.5"])
 def version(request) -> str:
     return request.param
-
-
-@pytest.fixture
-def registrar(workdir, engine, prefix):
-    """start(...) runs register.py with this test's prefix, as conftest's fixture of that name does,
-    but without its etcd flavour: every test here picks its own etcd and sets ETCD_API=3."""
-    started: list[Registrar] = []
-
-    def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
-              endpoint: str | None = None, env: dict | None = None) -> Registrar:
-        settings = {**engine.env, "ETCD_ENDPOINT": endpoint, "HOST_IP": host, "DOCKER_HOST": engine.host,
-                    "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl), "REGISTER_RESYNC": str(resync),
-                    "LOG_LEVEL": "debug", **(env or {})}
-        started.append(Registrar(workdir, settings, list(args)).start())
-        return started[-1]
-
-    yield start
-    for process in started:
-        process.kill()
 
 
 @pytest.fixture
