@@ -961,6 +961,10 @@ class LeaseGone(RegistryUnavailable):
         self.lease = lease
 
 
+class TooManyOps(RegistryBlocked):
+    """etcd's --max-txn-ops is below the transaction's size."""
+
+
 class ApiMismatch(Exception):
     """Every etcd endpoint that answers lacks the API ETCD_API names: it never fixes itself, so
     the service exits with code 2 instead of retrying."""
@@ -1010,8 +1014,9 @@ class HostScope:
         if key == self.host_dir:
             if host_dir:
                 return key
-        elif key.startswith(self.host_dir + "/") and (
-                (found and self.flat) or self._clean(key[len(self.host_dir) + 1:], found)):
+        elif key.startswith(self.host_dir + "/") and found and self.flat:
+            return key  # v3 sends keys as bytes (base64), never in a URL: any byte is fine
+        elif key.startswith(self.host_dir + "/") and self._clean(key[len(self.host_dir) + 1:], found):
             return urllib.parse.quote(key, safe="/:@+")
         raise OutsideScope(f"refusing to change {printable(key)}: not a clean key inside {self.host_dir}/")
 
@@ -1113,6 +1118,10 @@ class Registry:
                 (lacking if verdict == "lacks" else down).append((endpoint.url, detail))
         finally:
             session.close()
+        if lacking and not any(version[:1].isdigit() for _, version in lacking):
+            where = ", ".join(url for url, _ in lacking)
+            raise ApiMismatch(f"ETCD_ENDPOINT: {where} does not answer like etcd (its /version names no "
+                              "etcd server); check the host and port of ETCD_ENDPOINT")
         if lacking:
             raise ApiMismatch(self._mismatch(lacking))
         raise RegistryUnavailable("; ".join(f"etcd at {url} failed: {cause}" for url, cause in down))
@@ -1121,10 +1130,12 @@ class Registry:
         """("serves" | "lacks", etcd's version) or ("down", why)."""
         try:
             answer = session.get(f"{endpoint.url}/version", timeout=self.TIMEOUT)
+            if answer.status_code >= 500:  # a proxy in front of an etcd that is not up, say
+                return "down", f"HTTP {answer.status_code} {printable(answer.text, 100)}"
             try:
-                version = str(answer.json().get("etcdserver") or "of unknown version")
-            except (ValueError, AttributeError):
-                version = "of unknown version"
+                version = str(answer.json()["etcdserver"])
+            except (ValueError, TypeError, KeyError, AttributeError):
+                return "lacks", "not etcd"  # something else listens there: it never fixes itself
             answer = self._probe_api(session, endpoint)
         except (requests.RequestException, OSError) as exc:
             return "down", describe(exc)
@@ -1544,6 +1555,7 @@ class EtcdV3Registry(Registry):
         self._started: str | None = None  # when the lease was granted: the host key says it
         self._ready = False
         self.requests = 0  # to etcd, for the benchmark and the tests: one per batch, not per key
+        self.max_ops = self.MAX_TXN_OPS  # lowered when etcd's --max-txn-ops is lower
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
         return session.post(f"{endpoint.url}/v3/kv/range", json={"key": _b64("\0")},
@@ -1622,6 +1634,9 @@ class EtcdV3Registry(Registry):
         if code == GRPC_NOT_FOUND and "lease not found" in message:
             lost, self.lease, self._ready = self.lease, None, False
             raise LeaseGone(f"etcd at {client.base_url}: {message}", lost) from exc
+        if "too many operations in txn request" in message:
+            raise TooManyOps(f"etcd refused a transaction: {message}; an operator should check etcd's "
+                             "--max-txn-ops") from exc
         # a request over the gRPC limit (max-request-bytes + 512 KiB) is refused with code 8
         if code in GRPC_REFUSALS or (code == GRPC_RESOURCE_EXHAUSTED and "larger than max" in message):
             reason = f"{message} (gRPC code {code})"
@@ -1709,20 +1724,31 @@ class EtcdV3Registry(Registry):
     def _host_value(self) -> str:
         return json.dumps({"registrar": VERSION, "started": self._started}, separators=(",", ":"))
 
-    def _started_of(self, kv: dict | None) -> str | None:
-        """The grant time the host key holds, when it is this version's own record."""
+    @staticmethod
+    def _host_record(kv: dict | None) -> tuple[str, str] | None:
+        """(registrar version, grant time) when the host key holds a registrar's record."""
         try:
             value = json.loads(_unb64(kv["value"], "strict"))
-            if value["registrar"] == VERSION and isinstance(value["started"], str):
-                return value["started"]
-        except (TypeError, KeyError, ValueError):
+            if isinstance(value["registrar"], str) and isinstance(value["started"], str):
+                return value["registrar"], value["started"]
+        except (TypeError, KeyError, ValueError, AttributeError):
             pass
         return None
 
-    def _lease_ttl(self, lease: int) -> tuple[int, int]:
-        """(seconds left, TTL it was granted with); seconds left is -1 when it is gone."""
-        answer = self._post("/lease/timetolive", {"ID": str(lease)}, f"lease {lease:x}")
-        return int(answer.get("TTL", -1)), int(answer.get("grantedTTL", 0))
+    def _started_of(self, kv: dict | None) -> str | None:
+        """The grant time the host key holds, when it is this version's own record."""
+        record = self._host_record(kv)
+        return record[1] if record and record[0] == VERSION else None
+
+    def _lease_ttl(self, lease: int) -> tuple[int, int, list[str]]:
+        """(seconds left, TTL it was granted with, its keys); seconds left is -1 when it is gone."""
+        answer = self._post("/lease/timetolive", {"ID": str(lease), "keys": True}, f"lease {lease:x}")
+        return (int(answer.get("TTL", -1)), int(answer.get("grantedTTL", 0)),
+                [_unb64(key) for key in answer.get("keys") or []])
+
+    def _only_ours(self, keys: list[str]) -> bool:
+        """A lease is this host's to keep alive, adopt or revoke only when every key on it is."""
+        return all(key == self.host_dir or key.startswith(self.host_dir + "/") for key in keys)
 
     def _prepare(self) -> bool:
         """The host key is in place, on a lease that lives (adopted when a restarted registrar
@@ -1735,34 +1761,45 @@ class EtcdV3Registry(Registry):
         if not self.ttl:
             self.lease = None
             intact = kv is not None and not on_lease and started is not None
+            self._started = started or self._started or _now()
             if not intact:
-                self._started = started or _now()
                 self._put_host_key()
             self._ready = True
             return not intact
-        candidate = self.lease or on_lease
-        left, granted = self._lease_ttl(candidate) if candidate else (-1, 0)
-        if left > 0 and granted == self.ttl:
-            adopting = self.lease is None
+        own = self.lease  # granted or adopted by this process: kept whatever etcd made of its TTL
+        candidate = own or on_lease
+        left, granted, keys = self._lease_ttl(candidate) if candidate else (-1, 0, [])
+        # another's lease is never adopted: the host key must hold a registrar's record, and every
+        # key on the lease must be this host's (revoking it on exit must take nothing else)
+        adoptable = left > 0 and self._only_ours(keys) and (
+            candidate == own or (granted == self.ttl and self._host_record(kv) is not None))
+        if adoptable:
             self.lease = candidate
             intact = kv is not None and on_lease == candidate and started is not None
             self._started = started if intact else (self._started or _now())
             if not intact:
                 self._put_host_key()
-            if adopting:
+            if own is None:
                 log_event(logging.INFO, f"adopted lease {candidate:x} of {self.host_dir} (granted "
                           f"{self._started}, {left} s left of {granted} s): records that are right "
                           "stay as they are", event="lease_adopted", lease=f"{candidate:x}")
             self._ready = True
             return not intact
-        if candidate and self.lease is None and left > 0:
-            log_event(logging.INFO, f"not adopting lease {candidate:x} of {self.host_dir}: it was granted "
-                      f"for {granted} s, not REGISTER_TTL={self.ttl}", event="lease_replaced")
+        if candidate and own is None and left > 0:
+            why = (f"it was granted for {granted} s, not REGISTER_TTL={self.ttl}" if granted != self.ttl
+                   else "it is not this registrar's (the host key holds no registrar record, or the "
+                   "lease holds other keys)")
+            log_event(logging.INFO, f"not adopting lease {candidate:x} of {self.host_dir}: {why}",
+                      event="lease_replaced")
         answer = self._post("/lease/grant", {"TTL": self.ttl, "ID": 0}, self.host_dir)
         self.lease, self._started = int(answer["ID"]), _now()
         self._put_host_key()
-        log_event(logging.INFO, f"granted lease {self.lease:x} ({self.ttl} s) for {self.host_dir}; "
-                  "every record is written on it", event="lease_granted", lease=f"{self.lease:x}")
+        given = int(answer.get("TTL", self.ttl))
+        note = "" if given == self.ttl else (f"; etcd made it {given} s (its minimum lease TTL): a "
+                                             "restart writes everything again")
+        log_event(logging.INFO if given == self.ttl else logging.WARNING,
+                  f"granted lease {self.lease:x} ({self.ttl} s) for {self.host_dir}{note}; every record "
+                  "is written on it", event="lease_granted", lease=f"{self.lease:x}")
         self._ready = True
         return True
 
@@ -1824,25 +1861,34 @@ class EtcdV3Registry(Registry):
         back; then puts. A refused transaction of puts is split in halves, down to the one
         record etcd refuses, which alone is reported refused."""
         for batch in self._batches([self._op(key, None, found=True) for key in deletes]):
-            self._txn(batch)
-            for op in batch:
-                report(op.key, None)
+            self._commit(batch, report, record=False)
         try:
             for batch in self._batches([self._op(key, value) for key, value in puts]):
                 self._commit(batch, report)
         except LeaseGone as exc:
             raise self._lease_lost(exc.lease) from None
 
-    def _commit(self, batch: list[Op], report: Report) -> None:
+    def _commit(self, batch: list[Op], report: Report, record: bool = True) -> None:
         try:
-            self._txn(batch, record=True)
+            self._txn(batch, record=record)
+        except TooManyOps:  # an etcd with a lower --max-txn-ops: smaller transactions from now on
+            if len(batch) == 1:
+                raise
+            if len(batch) // 2 < self.max_ops:  # said once per step down
+                self.max_ops = len(batch) // 2
+                log_event(logging.WARNING, f"etcd takes fewer than {len(batch)} operations per "
+                          f"transaction (--max-txn-ops): retrying in transactions of {self.max_ops}",
+                          event="txn_limit", max_ops=self.max_ops)
+            for part in self._batches(batch):
+                self._commit(part, report, record)
+            return
         except RecordRefused as exc:
             if len(batch) == 1:
                 report(batch[0].key, exc)
                 return
             half = len(batch) // 2
-            self._commit(batch[:half], report)
-            self._commit(batch[half:], report)
+            self._commit(batch[:half], report, record)
+            self._commit(batch[half:], report, record)
             return
         for op in batch:
             report(op.key, None)
@@ -1850,7 +1896,7 @@ class EtcdV3Registry(Registry):
     def _batches(self, ops: list[Op]) -> Iterable[list[Op]]:
         batch, size = [], 0
         for op in ops:
-            if batch and (len(batch) == self.MAX_TXN_OPS or size + op.size > self.MAX_TXN_BYTES):
+            if batch and (len(batch) >= self.max_ops or size + op.size > self.MAX_TXN_BYTES):
                 yield batch
                 batch, size = [], 0
             batch.append(op)
@@ -1863,7 +1909,8 @@ class EtcdV3Registry(Registry):
         transaction deletes the records and the host key."""
         if self.lease:
             lease, self.lease = self.lease, None
-            self._post("/lease/revoke", {"ID": str(lease)}, f"lease {lease:x}", final=True)
+            with contextlib.suppress(LeaseGone):  # gone already: so are the keys on it
+                self._post("/lease/revoke", {"ID": str(lease)}, f"lease {lease:x}", final=True)
             return
         start = self.host_dir + "/"
         self.scope.check(self.host_dir, host_dir=True)
@@ -2005,7 +2052,9 @@ class Reconciler:
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = pool or ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
-        self._refresh = Timer(config.ttl / 3, due_now=False) if config.ttl else None
+        # due at once: a restarted registrar's adopted host directory or lease may have less than
+        # TTL/3 left (its first refresh still waits until Docker vouches for the records)
+        self._refresh = Timer(config.ttl / 3, due_now=True) if config.ttl else None
         self._failures = RetrySchedule()
         self._down: str | None = None  # what failed last, until it works again
         self._error_said = 0.0  # when an error that waits for an operator was last logged

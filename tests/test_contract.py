@@ -149,7 +149,8 @@ def test_found_keys_with_any_character_are_deleted_exactly(make, store):
             answer = requests.put(f"{store.client.base_uri}/v2/keys{urllib.parse.quote(key)}",
                                   data={"value": "x"}, timeout=5)
             assert answer.status_code == 201, answer.text
-    else:
+    else:  # v3 keys are bytes: one that is no UTF-8 at all, too
+        odd.append(f"{registry.host_dir}/\udcff\udcfe/no-utf-8")
         for key in [*odd, keep]:
             store.put(key, "x")
     assert set(registry.read().values) == {*odd, keep}
@@ -257,3 +258,44 @@ def test_a_full_reconcile_tidies_what_holds_no_kept_key(make, store):
     if store.api == 2:  # the emptied image directory went too
         with pytest.raises(etcd.EtcdKeyNotFound):
             store.client.read(f"{registry.host_dir}/old::image:1")
+
+
+def test_without_ttl_a_restart_rewrites_nothing(make, store):
+    first = make(ttl=0)
+    first.prepare()
+    apply(first, puts=[(record_key(first, 1), "one")])
+    first.read()
+    revisions = {key: store.revision(key) for key in (first.host_dir, record_key(first, 1))}
+    second = make(ttl=0)
+    assert second.prepare() is False
+    assert second.read().values == {record_key(first, 1): "one"}
+    assert {key: store.revision(key) for key in revisions} == revisions
+
+
+def test_another_registrars_lease_is_never_adopted_nor_revoked(make, store):
+    """A lease of the same TTL that holds another host's key (or a host key that is no registrar's
+    record) is not this host's: revoking it on exit would delete what this host does not own."""
+    if store.api != 3:
+        pytest.skip("v2 has no leases: its host directory is this host's key")
+    neighbour = f"{make.prefix}/{NEIGHBOUR}/img:1/{'a' * 64}"
+    lease = int(store.call("lease/grant", {"TTL": 30})["ID"])
+    registry = make(ttl=30)
+    store.put(neighbour, "theirs", lease=lease)
+    store.put(registry.host_dir, '{"registrar":"1.0.0","started":"2026-01-01T00:00:00Z"}', lease=lease)
+    assert registry.prepare() is True
+    assert registry.lease != lease and store.lease_of(registry.host_dir) == registry.lease
+    registry.clear()
+    assert store.get(neighbour) == "theirs" and store.lease_ttl(lease)[0] > 0
+    assert not store.host_present(registry.host_dir)
+
+
+def test_clear_after_the_liveness_went_is_done_without_an_error(make, store):
+    registry = make(ttl=30)
+    registry.prepare()
+    apply(registry, puts=[(record_key(registry, 1), "one")])
+    if store.api == 3:
+        store.revoke(store.lease_of(registry.host_dir))
+    else:
+        store.delete(registry.host_dir)
+    registry.clear()
+    assert store.records(registry.host_dir) == {} and not store.host_present(registry.host_dir)

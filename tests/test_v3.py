@@ -5,6 +5,10 @@ and the contract suite (test_contract.py); the secured etcd has test_secured.py.
 """
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+
 import pytest
 import testbed
 from invariant import expected_registry
@@ -13,6 +17,11 @@ from testbed import BASE_IMAGE, HOST, wait_until
 import register
 
 pytestmark = pytest.mark.integration
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run_to_exit(registrar, **settings) -> testbed.Registrar:
@@ -114,3 +123,37 @@ def test_one_event_is_one_write_request(docker, registrar, prefix, etcd_server, 
     after = {method: etcd_server.grpc_calls(method) for method in before}
     assert {method: after[method] - before[method] for method in before} == {"Txn": 2, "Put": 0,
                                                                             "DeleteRange": 0}
+
+
+@pytest.mark.own_flavour
+def test_an_etcd_with_a_lower_max_txn_ops_gets_smaller_transactions(server, caplog):
+    etcd = server("ops", "3.5", False, "--max-txn-ops=50")
+    config = register.load_config([], {"ETCD_ENDPOINT": etcd.endpoint, "HOST_IP": HOST, "ETCD_API": "3"})
+    registry = register.make_registry(config)
+    registry.prepare()
+    puts = [(f"/registered/{HOST}/img:1/{n:064x}", f'"{n}"') for n in range(150)]
+    done = {}
+    registry.apply([], puts, lambda key, refusal: done.setdefault(key, refusal))
+    assert done == dict.fromkeys(key for key, _ in puts) and registry.max_ops == 32
+    registry.apply([key for key, _ in puts[:100]], [], lambda key, refusal: None, keep=set())
+    assert etcd.store().records(f"/registered/{HOST}") == dict(puts[100:])
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == [
+        "etcd takes fewer than 128 operations per transaction (--max-txn-ops): retrying in transactions "
+        "of 64",
+        "etcd takes fewer than 64 operations per transaction (--max-txn-ops): retrying in transactions of 32"]
+
+
+@pytest.mark.own_flavour
+def test_an_http_server_that_is_not_etcd_exits_with_code_2(docker, registrar, workdir):
+    port = testbed.free_port()
+    web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
+                           cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: port_open(port), 10, "the web server")
+        r = run_to_exit(registrar, endpoint=f"127.0.0.1:{port}", env={"ETCD_API": "3"})
+        assert r.process.returncode == 2
+        assert r.log.endswith(
+            f"register.py: error: ETCD_ENDPOINT: http://127.0.0.1:{port} does not answer like etcd (its "
+            "/version names no etcd server); check the host and port of ETCD_ENDPOINT\n")
+    finally:
+        web.kill()
