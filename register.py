@@ -921,6 +921,9 @@ class Timer:
     def restart(self) -> None:
         self._due = time.monotonic() + self.interval
 
+    def expire(self) -> None:
+        self._due = time.monotonic()
+
     def remaining(self) -> float:
         return max(0.0, self._due - time.monotonic())
 
@@ -2052,9 +2055,10 @@ class Reconciler:
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = pool or ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
-        # due at once: a restarted registrar's adopted host directory or lease may have less than
-        # TTL/3 left (its first refresh still waits until Docker vouches for the records)
-        self._refresh = Timer(config.ttl / 3, due_now=True) if config.ttl else None
+        # the first is due as soon as Docker's event stream first connects (see
+        # set_events_connected), then every TTL/3
+        self._refresh = Timer(config.ttl / 3, due_now=False) if config.ttl else None
+        self._ever_connected = False
         self._failures = RetrySchedule()
         self._down: str | None = None  # what failed last, until it works again
         self._error_said = 0.0  # when an error that waits for an operator was last logged
@@ -2104,6 +2108,11 @@ class Reconciler:
             if connected:
                 self._full_reasons.setdefault("connected to Docker's event stream")
                 self._refresh_suspended = False
+                if not self._ever_connected and self._refresh is not None:
+                    # a restarted registrar's adopted host directory or lease may have less than
+                    # TTL/3 left: refreshed as soon as Docker vouches for the records
+                    self._refresh.expire()
+                self._ever_connected = True
             self._cond.notify()
 
     def wake(self) -> None:

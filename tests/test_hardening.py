@@ -191,7 +191,7 @@ def test_a_plain_value_at_the_host_directory_is_replaced_at_start_and_at_run_tim
     start(docker, "-p", "80")
     client.write(host_dir, "someone's value")
     r = registrar(endpoint=own_etcd.endpoint, ttl=6)  # refreshed every 2 s
-    check = Invariant(docker, client, prefix, HOST)
+    check = Invariant(docker, own_etcd.store(), prefix, HOST)
     check.wait(20, r)
     assert log_lines(r.log, "warning", host_dir) == [
         f"replaced the plain value at {host_dir}, where this host's directory belongs; re-registering "
@@ -234,7 +234,7 @@ def test_a_plain_value_at_or_above_the_prefix_waits_for_an_operator(docker, own_
                                              r"in [0-9.]+ s", errors[0]), errors
     assert (client.read(blocker).value, client.read(blocker).modifiedIndex) == ("an operator's value", index)
     client.delete(blocker)  # the operator acts
-    check = Invariant(docker, client, prefix, HOST, ttl=bool(ttl))
+    check = Invariant(docker, own_etcd.store(), prefix, HOST, ttl=bool(ttl))
     check.wait(30, r)
     assert "Traceback" not in r.log
 
@@ -255,7 +255,7 @@ def test_etcd_refusing_the_host_directory_is_one_error_until_an_operator_grants_
                                                  r"retrying in [0-9.]+ s", errors[0]), errors
         assert r.log.count(message) >= 3 and r.process.poll() is None
         proxy.refuse = None  # the operator grants the role
-        Invariant(docker, own_etcd.client(), prefix, HOST).wait(30, r)
+        Invariant(docker, own_etcd.store(), prefix, HOST).wait(30, r)
         assert "Traceback" not in r.log
     finally:
         proxy.close()
@@ -284,7 +284,7 @@ def test_unknown_keys_and_directories_in_the_host_directory_are_removed(docker, 
     client.write(host_dir, None, dir=True, ttl=60)
     put_junk()  # found at start
     r = registrar(endpoint=own_etcd.endpoint, resync=2)
-    check = Invariant(docker, client, prefix, HOST)
+    check = Invariant(docker, own_etcd.store(), prefix, HOST)
     check.wait(20, r)
     assert directories() == {host_dir, f"{host_dir}/{IMAGE}"}
     assert f"removed stale key {host_dir}/stray: no such running container" in r.log

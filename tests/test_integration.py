@@ -508,9 +508,9 @@ def test_writes_missed_while_etcd_is_down_are_made_when_it_returns(docker, regis
         own.stop()
 
 
-def test_waits_for_the_docker_socket_then_registers(docker, client, registrar, prefix, workdir):
+def test_waits_for_the_docker_socket_then_registers(docker, client, registrar, prefix, workdir, api):
     cid = run(docker, "-p", "8403:80", BASE_IMAGE)
-    later = workdir / "later.sock"
+    later = workdir / f"later-v{api}.sock"
     r = registrar(docker_host=f"unix://{later}")
     r.wait_for_log(f"waiting for Docker: Docker at unix://{later} failed: no such file or directory; "
                    "retrying in")
