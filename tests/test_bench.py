@@ -35,7 +35,7 @@ def test_benchmark_smoke_run(docker, bench_servers, workdir, tmp_path):
     both = ("v2", "v3")
     expected = [(measure, n, api) for measure, apis in (
         ("cold sync", both), ("etcd requests, cold sync", both), ("cold sync, v3 / v2", ("v3 / v2",)),
-        ("warm restart: time to in sync", both), ("warm restart: etcd writes", both), ("RSS at rest", both),
+        ("warm restart: time to in sync", both), ("warm restart: record writes", both), ("RSS at rest", both),
         ("CPU over 2 s idle", both), ("etcd writes at rest", both)) for n in (5, 10) for api in apis]
     expected += [(f"latency {phase} {q}", n, api) for phase, n in (
         ("start, one by one", 3), ("start, bursts", 5), ("die, one by one", 3), ("die, bursts", 5))
@@ -45,7 +45,7 @@ def test_benchmark_smoke_run(docker, bench_servers, workdir, tmp_path):
     assert [(row["measure"], row["n"], row["api"]) for row in bench.rows] == expected
     rows = {(row["measure"], row["n"], row["api"]): row for row in bench.rows}
     for api in both:
-        assert rows[("warm restart: etcd writes", 10, api)]["register"] == 0
+        assert rows[("warm restart: record writes", 10, api)]["register"] == 0
         assert rows[("etcd requests, cold sync", 10, api)]["register"] > 0
         assert [len(values) for values in bench.raw["latency"][api]["register"].values()] == [3, 5, 3, 5]
     assert rows[("etcd writes at rest", 10, "v3")]["register"] == 0  # keepalives are no writes
