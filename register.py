@@ -37,12 +37,13 @@ from urllib.parse import urlsplit
 import backoff
 import docker
 import docker.errors
-import etcd
-import etcd3gw
-import etcd3gw.exceptions
 import requests
 import requests.adapters
 import urllib3
+
+# The two etcd clients: each adapter imports its own when it is made (python-etcd pulls in
+# dnspython, etcd3gw futurist: some 20 ms of start-up each that the other API need not pay).
+etcd = etcd3gw = None
 
 VERSION = "1.0.0"
 PROG = "register.py"
@@ -1187,6 +1188,8 @@ class EtcdV2Registry(Registry):
     LIVENESS = "host directory"
 
     def __init__(self, config: Config, pool: ThreadPoolExecutor | None = None):
+        global etcd
+        import etcd  # python-etcd
         super().__init__(config)
         self._ca_file = config.etcd_ca_file
         self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
@@ -1549,6 +1552,9 @@ class EtcdV3Registry(Registry):
     OP_OVERHEAD = 32  # bytes of a put's or a delete's framing, over its key and value
 
     def __init__(self, config: Config):
+        global etcd3gw
+        import etcd3gw
+        import etcd3gw.exceptions
         super().__init__(config)
         self._http = self._session()
         self._client: etcd3gw.Etcd3Client | None = None
@@ -2055,10 +2061,8 @@ class Reconciler:
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = pool or ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
-        # the first is due as soon as Docker's event stream first connects (see
-        # set_events_connected), then every TTL/3
         self._refresh = Timer(config.ttl / 3, due_now=False) if config.ttl else None
-        self._ever_connected = False
+        self._prepared = False  # the registry's liveness was found or made once
         self._failures = RetrySchedule()
         self._down: str | None = None  # what failed last, until it works again
         self._error_said = 0.0  # when an error that waits for an operator was last logged
@@ -2108,11 +2112,6 @@ class Reconciler:
             if connected:
                 self._full_reasons.setdefault("connected to Docker's event stream")
                 self._refresh_suspended = False
-                if not self._ever_connected and self._refresh is not None:
-                    # a restarted registrar's adopted host directory or lease may have less than
-                    # TTL/3 left: refreshed as soon as Docker vouches for the records
-                    self._refresh.expire()
-                self._ever_connected = True
             self._cond.notify()
 
     def wake(self) -> None:
@@ -2171,7 +2170,14 @@ class Reconciler:
         return f"lease of {self.registry.host_dir} was granted anew"
 
     def _step(self) -> None:
-        if self.registry.prepare():
+        recreated = self.registry.prepare()
+        if not self._prepared:
+            self._prepared = True
+            if not recreated and self._refresh is not None:
+                # adopted from a run before: it may have less than TTL/3 left, so it is refreshed
+                # as soon as Docker vouches for the records (a new one has its whole TTL)
+                self._refresh.expire()
+        if recreated:
             self._note_full(self._recreated())
         if self._refresh is not None and self._refresh.due() and self._vouch_for_records():
             lost = self.registry.heartbeat()

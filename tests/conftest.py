@@ -37,10 +37,8 @@ def flavour(request) -> dict:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests of v2 mechanics (directories, python-etcd), and tests that choose their own etcd and
-    API, run once: in the v2 flavour."""
-    kept = [item for item in items if not ((item.get_closest_marker("v2_only") or item.get_closest_marker(
-        "own_flavour")) and getattr(
+    """Tests of v2 mechanics (directories, python-etcd) run on the v2 flavour only."""
+    kept = [item for item in items if not (item.get_closest_marker("v2_only") and getattr(
         item, "callspec", None) and item.callspec.params.get("flavour") == "v3")]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
@@ -112,25 +110,39 @@ def prefix() -> str:
     return f"/it{next(_prefixes)}/registered"
 
 
-@pytest.fixture
-def registrar(workdir, etcd_server, engine, prefix, flavour):
+def _registrars(workdir, engine, prefix: str, endpoint: str | None, api: int):
     """start(**settings) runs register.py with this test's prefix; all are killed at teardown."""
     started: list[Registrar] = []
 
     def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
-              endpoint: str | None = None, docker_host: str | None = None, env: dict | None = None,
+              endpoint: str | None = endpoint, docker_host: str | None = None, env: dict | None = None,
               wrapper: tuple = ()) -> Registrar:
-        settings = {**engine.env, "ETCD_ENDPOINT": endpoint or etcd_server.endpoint, "HOST_IP": host,
+        if endpoint is None:
+            raise ValueError("own_registrar needs the test's etcd endpoint")
+        settings = {**engine.env, "ETCD_ENDPOINT": endpoint, "HOST_IP": host,
                     "DOCKER_HOST": docker_host or engine.host,
                     "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
                     "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug",
-                    "ETCD_API": str(flavour["api"]), **(env or {})}
+                    "ETCD_API": str(api), **(env or {})}
         started.append(Registrar(workdir, settings, list(args), wrapper=list(wrapper)).start())
         return started[-1]
 
     yield start
     for process in started:
         process.kill()
+
+
+@pytest.fixture
+def registrar(workdir, etcd_server, engine, prefix):
+    """register.py against the suite's etcd, through this run's flavour's API."""
+    yield from _registrars(workdir, engine, prefix, etcd_server.endpoint, etcd_server.api)
+
+
+@pytest.fixture
+def own_registrar(workdir, engine, prefix):
+    """register.py against an etcd of the test's own (`endpoint=` is required; the API is 2 unless
+    `env` sets ETCD_API): not parametrized by the flavour, so such a test runs once."""
+    yield from _registrars(workdir, engine, prefix, None, 2)
 
 
 def pytest_terminal_summary(terminalreporter):

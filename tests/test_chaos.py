@@ -324,16 +324,15 @@ def test_register_killed_and_restarted_after_the_ttl_registers_everything_again(
 
 # etcd 3.5.0 to 3.5.2 can lose consistency after a crash (etcd-io/etcd#13766): the faults that
 # kill members run on 3.4 as well, with both APIs
-@pytest.mark.own_flavour
 @pytest.mark.parametrize(("api", "version"), [(2, "3.4"), (3, "3.4"), (3, "3.5")],
                          ids=["v2-3.4", "v3-3.4", "v3-3.5"])
-def test_the_leader_of_a_three_member_cluster_killed(docker, registrar, prefix, workdir, api, version):
+def test_the_leader_of_a_three_member_cluster_killed(docker, own_registrar, prefix, workdir, api, version):
     cluster = EtcdCluster(workdir, f"c{next(_names)}-", version=version, v2=api == 2, api=api)
     cluster.start()
     try:
         start(docker, "-p", "80")
         ttl = 6
-        r = registrar(endpoint=cluster.endpoint, ttl=ttl, env={"ETCD_API": str(api)})
+        r = own_registrar(endpoint=cluster.endpoint, ttl=ttl, env={"ETCD_API": str(api)})
         check = Invariant(docker, cluster.members[0].store(), prefix, HOST)
         check.wait(30, r)
         leader = cluster.leader()

@@ -27,8 +27,7 @@ from testbed import BASE_IMAGE, HOST, REGISTER, Registrar, wait_until
 
 import register
 
-# every test picks its own secured etcd and sets ETCD_API=3: it runs once, whatever the flavour
-pytestmark = [pytest.mark.integration, pytest.mark.own_flavour]
+pytestmark = pytest.mark.integration
 
 ROOT_PASSWORD = "root-" + secrets.token_hex(8)
 USER = "registrar-user"
@@ -230,12 +229,13 @@ def assert_said_once_then_debug(registrar: Registrar, message: str) -> None:
 
 # -- 1. least privilege, from registration to deregistration ------------------------------------
 
-def test_least_privilege_user_registers_and_deregisters_on_exit(docker, secured, registrar, prefix, workdir):
+def test_least_privilege_user_registers_and_deregisters_on_exit(docker, secured, own_registrar, prefix,
+                                                                workdir):
     server = secured()
     password = new_password()
     least_privilege(server, prefix, password)
     cid = start_container(docker, "web", 18080)
-    r = registrar(endpoint=server.endpoint, ttl=30, args=("--deregister-on-exit",),
+    r = own_registrar(endpoint=server.endpoint, ttl=30, args=("--deregister-on-exit",),
                   env={"ETCD_API": "3", "ETCD_USERNAME": USER,
                        "ETCD_PASSWORD_FILE": str(password_file(workdir, password))})
     view = RootStore(server)
@@ -258,13 +258,13 @@ def test_least_privilege_user_registers_and_deregisters_on_exit(docker, secured,
 
 # -- 2. tokens that expire, and an etcd restart that forgets them -------------------------------
 
-def test_expired_and_forgotten_tokens_are_renewed_and_no_write_is_lost(docker, secured, registrar, prefix,
+def test_expired_and_forgotten_tokens_are_renewed_and_no_write_is_lost(docker, secured, own_registrar, prefix,
                                                                       workdir, version):
     server = secured(flags=("--auth-token-ttl", "2"))
     password = new_password()
     least_privilege(server, prefix, password)
     # a keepalive every 3 s: longer than the token lives, so each one finds its token expired
-    r = registrar(endpoint=server.endpoint, ttl=9,
+    r = own_registrar(endpoint=server.endpoint, ttl=9,
                   env={"ETCD_API": "3", "ETCD_USERNAME": USER,
                        "ETCD_PASSWORD_FILE": str(password_file(workdir, password))})
     view = RootStore(server)
@@ -309,8 +309,8 @@ def jwt_flags(workdir: Path) -> tuple[str, ...]:
 
 
 @pytest.mark.parametrize("tokens", ["simple", "jwt"])
-def test_an_operator_changing_roles_meanwhile_does_not_stop_registration(docker, secured, registrar, prefix,
-                                                                        workdir, tokens):
+def test_an_operator_changing_roles_meanwhile_does_not_stop_registration(docker, secured, own_registrar,
+                                                                        prefix, workdir, tokens):
     """Any change of users or roles raises etcd's auth revision. A simple token is checked against
     the current one; a JWT carries the revision it was issued at, and is then refused ("etcdserver:
     revision of auth store is old" on 3.4, "auth: revision in header is old" on 3.5): clientv3
@@ -319,7 +319,7 @@ def test_an_operator_changing_roles_meanwhile_does_not_stop_registration(docker,
     password = new_password()
     least_privilege(server, prefix, password)
     first = start_container(docker, "first", 18120)
-    r = registrar(endpoint=server.endpoint, ttl=30,
+    r = own_registrar(endpoint=server.endpoint, ttl=30,
                   env={"ETCD_API": "3", "ETCD_USERNAME": USER,
                        "ETCD_PASSWORD_FILE": str(password_file(workdir, password))})
     view = RootStore(server)
@@ -337,13 +337,13 @@ def test_an_operator_changing_roles_meanwhile_does_not_stop_registration(docker,
 
 # -- 3. a wrong password, an unknown user ----------------------------------------------------
 
-def test_a_wrong_password_is_one_error_until_the_operator_sets_it(docker, secured, registrar, prefix,
+def test_a_wrong_password_is_one_error_until_the_operator_sets_it(docker, secured, own_registrar, prefix,
                                                                  workdir):
     server = secured()
     old, new = new_password(), new_password()
     least_privilege(server, prefix, old)
     cid = start_container(docker, "web", 18130)
-    r = registrar(endpoint=server.endpoint, ttl=30,
+    r = own_registrar(endpoint=server.endpoint, ttl=30,
                   env={"ETCD_API": "3", "ETCD_USERNAME": USER,
                        "ETCD_PASSWORD_FILE": str(password_file(workdir, new))})
     message = (f"etcd at {server.url} refused user {USER!r}: etcdserver: authentication failed, invalid "
@@ -364,12 +364,13 @@ def test_a_wrong_password_is_one_error_until_the_operator_sets_it(docker, secure
     assert_never_shown(r, old, new, ROOT_PASSWORD)
 
 
-def test_an_unknown_user_is_one_error_until_the_operator_adds_it_json_log(docker, secured, registrar, prefix):
+def test_an_unknown_user_is_one_error_until_the_operator_adds_it_json_log(docker, secured, own_registrar,
+                                                                           prefix):
     server = secured()
     password = new_password()
     add_role(server, "readwrite", f"{prefix}/")
     cid = start_container(docker, "web", 18140)
-    r = registrar(endpoint=server.endpoint, ttl=30,
+    r = own_registrar(endpoint=server.endpoint, ttl=30,
                   env={"ETCD_API": "3", "ETCD_USERNAME": "newcomer", "ETCD_PASSWORD": password,
                        "LOG_FORMAT": "json"})
     message = (f"etcd at {server.url} refused user 'newcomer': etcdserver: authentication failed, invalid "
@@ -398,13 +399,13 @@ def test_an_unknown_user_is_one_error_until_the_operator_adds_it_json_log(docker
 @pytest.mark.parametrize("permission, where", [("read", "prefix"), ("readwrite", "elsewhere")],
                          ids=["read-only", "readwrite-elsewhere"])
 def test_a_role_without_write_access_is_one_error_until_the_operator_grants_it(
-        docker, secured, registrar, prefix, workdir, permission, where):
+        docker, secured, own_registrar, prefix, workdir, permission, where):
     server = secured()
     password = new_password()
     add_role(server, permission, f"{prefix}/" if where == "prefix" else "/elsewhere/")
     add_user(server, password)
     cid = start_container(docker, "web", 18150)
-    r = registrar(endpoint=server.endpoint, ttl=30,
+    r = own_registrar(endpoint=server.endpoint, ttl=30,
                   env={"ETCD_API": "3", "ETCD_USERNAME": USER,
                        "ETCD_PASSWORD_FILE": str(password_file(workdir, password))})
     host_dir = f"{prefix}/{HOST}"
@@ -425,11 +426,11 @@ def test_a_role_without_write_access_is_one_error_until_the_operator_grants_it(
 
 # -- 5. no credentials -------------------------------------------------------------------------
 
-def test_no_credentials_against_an_etcd_with_authentication_says_which_settings(docker, secured, registrar,
-                                                                               prefix):
+def test_no_credentials_against_an_etcd_with_authentication_says_which_settings(
+        docker, secured, own_registrar, prefix):
     server = secured()
     start_container(docker, "web", 18160)
-    r = registrar(endpoint=server.endpoint, ttl=30, env={"ETCD_API": "3"})
+    r = own_registrar(endpoint=server.endpoint, ttl=30, env={"ETCD_API": "3"})
     message = (f"etcd at {server.url} requires authentication (etcdserver: user name is empty); set "
                "ETCD_USERNAME and ETCD_PASSWORD or ETCD_PASSWORD_FILE")
     wait_for_retries(r, message)
@@ -463,7 +464,7 @@ def test_help_holds_no_password_and_there_is_no_password_flag(workdir):
 # -- 7. TLS and password authentication together ----------------------------------------------
 
 def test_tls_client_certificate_and_password_together_whatever_the_environment_says(
-        docker, secured, registrar, prefix, workdir, version):
+        docker, secured, own_registrar, prefix, workdir, version):
     tls = testbed.make_tls(workdir / f"tls-secured-{version}-{secrets.token_hex(3)}")
     server = secured(tls=tls)
     password = new_password()
@@ -471,7 +472,7 @@ def test_tls_client_certificate_and_password_together_whatever_the_environment_s
     wrong_ca = workdir / f"wrong-ca-{secrets.token_hex(3)}.pem"
     wrong_ca.write_text("")
     cid = start_container(docker, "web", 18170)
-    r = registrar(endpoint=server.endpoint, ttl=30, args=("--deregister-on-exit",),
+    r = own_registrar(endpoint=server.endpoint, ttl=30, args=("--deregister-on-exit",),
                   env={"ETCD_API": "3", "ETCD_USERNAME": USER, "ETCD_PASSWORD": password,
                        "ETCD_CA_FILE": str(tls["ca"]), "ETCD_CERT_FILE": str(tls["client"]),
                        "ETCD_KEY_FILE": str(tls["client-key"]),

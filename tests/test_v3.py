@@ -47,11 +47,10 @@ def server(workdir, request):
         etcd.stop()
 
 
-@pytest.mark.own_flavour
 def test_v2_against_an_etcd_without_v2_exits_with_code_2_and_says_what_to_change(
-        docker, registrar, server):
+        docker, own_registrar, server):
     etcd = server("nov2", "3.5", False)
-    r = run_to_exit(registrar, endpoint=etcd.endpoint, env={"ETCD_API": "2"})
+    r = run_to_exit(own_registrar, endpoint=etcd.endpoint, env={"ETCD_API": "2"})
     assert r.process.returncode == 2
     line = (f"register.py: error: ETCD_API=2 but etcd at {etcd.url} (etcd 3.5.1) does not serve the v2 API "
             "(etcd 3.4 and 3.5 serve it only when started with --enable-v2=true, 3.6 and later not at all); "
@@ -60,10 +59,9 @@ def test_v2_against_an_etcd_without_v2_exits_with_code_2_and_says_what_to_change
     assert "Traceback" not in r.log and "retrying in" not in r.log
 
 
-@pytest.mark.own_flavour
-def test_v3_against_an_etcd_whose_gateway_is_off_exits_with_code_2(docker, registrar, server):
+def test_v3_against_an_etcd_whose_gateway_is_off_exits_with_code_2(docker, own_registrar, server):
     etcd = server("nogw", "3.5", False, "--enable-grpc-gateway=false")
-    r = run_to_exit(registrar, endpoint=etcd.endpoint, env={"ETCD_API": "3"})
+    r = run_to_exit(own_registrar, endpoint=etcd.endpoint, env={"ETCD_API": "3"})
     assert r.process.returncode == 2
     assert r.log.endswith(
         f"register.py: error: ETCD_API=3 but etcd at {etcd.url} (etcd 3.5.1) answers 404 under /v3/: its "
@@ -71,27 +69,25 @@ def test_v3_against_an_etcd_whose_gateway_is_off_exits_with_code_2(docker, regis
         "turn it on, or set ETCD_API=2 (--etcd-api 2) if the server serves v2\n")
 
 
-@pytest.mark.own_flavour
-def test_the_cluster_is_judged_not_one_member(docker, registrar, server, prefix):
+def test_the_cluster_is_judged_not_one_member(docker, own_registrar, server, prefix):
     """--enable-v2 is set per member: one member that serves v2 is enough; one that is down is
     waited for, unless every member that answers lacks the API."""
     without, with_v2 = server("m1", "3.4", False), server("m2", "3.4", True)
     dead = f"127.0.0.1:{testbed.free_port()}"
     cid = docker.out("run", "-d", "-p", "80", BASE_IMAGE)
-    r = registrar(endpoint=f"{without.endpoint},{dead},{with_v2.endpoint}", env={"ETCD_API": "2"})
+    r = own_registrar(endpoint=f"{without.endpoint},{dead},{with_v2.endpoint}", env={"ETCD_API": "2"})
     client = with_v2.client()
     expected = expected_registry(docker, prefix, HOST)
     assert list(expected) == [f"{prefix}/{HOST}/regtest::busybox:1/{cid}"]
     wait_until(lambda: testbed.read_tree(client, f"{prefix}/{HOST}") == expected, 30, "the record")
     assert (f"etcd at {without.url} failed: HTTP 404" not in r.log)  # lacking is not failing
     assert f"etcd at http://{dead} failed: connection refused; using {with_v2.url}" in r.log
-    lacking = run_to_exit(registrar, endpoint=f"{dead},{without.endpoint}", env={"ETCD_API": "2"},
+    lacking = run_to_exit(own_registrar, endpoint=f"{dead},{without.endpoint}", env={"ETCD_API": "2"},
                           host="10.99.0.2")
     assert lacking.process.returncode == 2
     assert f"ETCD_API=2 but etcd at {without.url} (etcd 3.4.23) does not serve the v2 API" in lacking.log
 
 
-@pytest.mark.own_flavour
 def test_a_cold_sync_costs_one_transaction_per_128_records_and_an_event_one_request(server):
     etcd = server("batch", "3.5", False)
     config = register.load_config([], {"ETCD_ENDPOINT": etcd.endpoint, "HOST_IP": HOST, "ETCD_API": "3"})
@@ -110,22 +106,20 @@ def test_a_cold_sync_costs_one_transaction_per_128_records_and_an_event_one_requ
     assert etcd.grpc_calls("Txn") - before == 2  # the delete, then the put: deletes never wait on a put
 
 
-def test_one_event_is_one_write_request(docker, registrar, prefix, etcd_server, api):
-    if api != 3:
-        pytest.skip("v2 has no transactions: one request per key, as always")
-    r = registrar()
+def test_one_event_is_one_write_request(docker, own_registrar, server):
+    etcd = server("event", "3.5", False)
+    r = own_registrar(endpoint=etcd.endpoint, env={"ETCD_API": "3"})
     r.wait_for_log("full reconcile")
-    before = {method: etcd_server.grpc_calls(method) for method in ("Txn", "Put", "DeleteRange")}
+    before = {method: etcd.grpc_calls(method) for method in ("Txn", "Put", "DeleteRange")}
     cid = docker.out("run", "-d", "--name", "one-request", "-p", "80", BASE_IMAGE)
     r.wait_for_log(f"registered one-request ({cid[:12]})")
     docker.docker("rm", "-f", cid)
     r.wait_for_log(f"removed one-request ({cid[:12]})")
-    after = {method: etcd_server.grpc_calls(method) for method in before}
+    after = {method: etcd.grpc_calls(method) for method in before}
     assert {method: after[method] - before[method] for method in before} == {"Txn": 2, "Put": 0,
                                                                             "DeleteRange": 0}
 
 
-@pytest.mark.own_flavour
 def test_an_etcd_with_a_lower_max_txn_ops_gets_smaller_transactions(server, caplog):
     etcd = server("ops", "3.5", False, "--max-txn-ops=50")
     config = register.load_config([], {"ETCD_ENDPOINT": etcd.endpoint, "HOST_IP": HOST, "ETCD_API": "3"})
@@ -143,14 +137,13 @@ def test_an_etcd_with_a_lower_max_txn_ops_gets_smaller_transactions(server, capl
         "etcd takes fewer than 64 operations per transaction (--max-txn-ops): retrying in transactions of 32"]
 
 
-@pytest.mark.own_flavour
-def test_an_http_server_that_is_not_etcd_exits_with_code_2(docker, registrar, workdir):
+def test_an_http_server_that_is_not_etcd_exits_with_code_2(docker, own_registrar, workdir):
     port = testbed.free_port()
     web = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)],
                            cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until(lambda: port_open(port), 10, "the web server")
-        r = run_to_exit(registrar, endpoint=f"127.0.0.1:{port}", env={"ETCD_API": "3"})
+        r = run_to_exit(own_registrar, endpoint=f"127.0.0.1:{port}", env={"ETCD_API": "3"})
         assert r.process.returncode == 2
         assert r.log.endswith(
             f"register.py: error: ETCD_ENDPOINT: http://127.0.0.1:{port} does not answer like etcd (its "
