@@ -1677,7 +1677,8 @@ class EtcdV3Registry(Registry):
                 if not self._auth_off_said:
                     self._auth_off_said = True
                     log_event(logging.WARNING, f"etcd at {client.base_url} has authentication turned "
-                              f"off: ETCD_USERNAME={user!r} is not used", event="auth_off")
+                              f"off: ETCD_USERNAME={user!r} is not used; registering without "
+                              "authentication", event="auth_off")
                 self._token = ""
                 return None
             if code in GRPC_REFUSALS:

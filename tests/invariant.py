@@ -32,7 +32,8 @@ def record(fault: str, seconds: float) -> None:
 NEXT_STEPS = ("retrying in", "reconnecting", "re-registering everything", "treated as publishing nothing",
               "left as it is until the next resync", "expire within", "it expires with its TTL",
               "retrying this container alone in", "not registered",
-              "(fine for a single-host demo)", "only hosts on the same link")
+              "(fine for a single-host demo)", "only hosts on the same link",
+              "registering without authentication", "a restart writes everything again")
 
 
 def assert_log_is_clean(registrar: Registrar) -> None:
@@ -200,7 +201,7 @@ class Invariant:
             if not problems:
                 elapsed = time.monotonic() - start
                 if fault:
-                    record(fault, elapsed)
+                    record(f"v{self.client.api}: {fault}", elapsed)
                 return elapsed
             if time.monotonic() > deadline:
                 log = registrar.log[-6000:] if registrar else ""

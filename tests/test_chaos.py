@@ -272,7 +272,7 @@ def test_register_killed_and_not_restarted_the_subtree_expires_after_the_ttl(
     seconds = time.monotonic() - killed
     assert seconds <= ttl + 2
     assert check.neighbour_changes() == []
-    record("register.py killed -9, not restarted: subtree expired (TTL 4 s)", seconds)
+    record(f"v{client.api}: register.py killed -9, not restarted: subtree expired (TTL 4 s)", seconds)
 
 
 # -- 9. operator mistakes ----------------------------------------------------------------------
@@ -295,8 +295,7 @@ def test_operator_deletes_and_edits_are_repaired(docker, client, registrar, pref
     else:
         client.revoke(client.lease_of(check.host_dir))  # the host key and every record with it
     check.wait(ttl / 3 + 3, r, since=time.monotonic(),
-               fault=f"operator deleted the host directory / revoked the lease, v{client.api} "
-                     "(refresh every 2 s)")
+               fault="operator deleted the host directory / revoked the lease (refresh every 2 s)")
     assert re.search("(had expired or lost its TTL|had expired or been revoked); re-registering "
                      "everything", r.log)
     assert len(cids) == len(read_tree(client, check.host_dir))
@@ -314,8 +313,7 @@ def test_register_killed_and_restarted_after_the_ttl_registers_everything_again(
     wait_until(lambda: not client.host_present(check.host_dir), ttl + 3, "the liveness to expire",
                interval=0.1)
     second = registrar(ttl=ttl)
-    check.wait(30, second, since=time.monotonic(), fault=f"register.py killed -9, restarted after the TTL "
-                                                          f"(v{client.api})")
+    check.wait(30, second, since=time.monotonic(), fault="register.py killed -9, restarted after the TTL")
     assert f"{len(cids)} written, 0 removed, 0 already right" in second.log
     if client.api == 3:
         assert "adopted lease" not in second.log and "granted lease" in second.log
@@ -342,7 +340,7 @@ def test_the_leader_of_a_three_member_cluster_killed(docker, own_registrar, pref
             start(docker, "-p", "80")
         survivor = next(m for m in cluster.members if m is not leader)
         check = Invariant(docker, survivor.store(), prefix, HOST)
-        check.wait(40, r, since=killed, fault=f"leader of 3 etcd {version} members killed -9 (v{api})")
+        check.wait(40, r, since=killed, fault=f"leader of 3 etcd {version} members killed -9")
         cluster.start_member(leader)  # back with its data: it catches up
         wait_until(leader._healthy, 60, "the old leader back")
         time.sleep(ttl)  # refreshes and resyncs go on with the member back

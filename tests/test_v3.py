@@ -150,3 +150,19 @@ def test_an_http_server_that_is_not_etcd_exits_with_code_2(docker, own_registrar
             "/version names no etcd server); check the host and port of ETCD_ENDPOINT\n")
     finally:
         web.kill()
+
+
+def test_credentials_for_an_etcd_without_authentication_are_said_unused_once(server, caplog):
+    etcd = server("noauth", "3.5", False)
+    config = register.load_config([], {"ETCD_ENDPOINT": etcd.endpoint, "HOST_IP": HOST, "ETCD_API": "3",
+                                       "ETCD_USERNAME": "registrar", "ETCD_PASSWORD": "s3cret-pw"})
+    registry = register.make_registry(config)
+    registry.prepare()
+    key = f"/registered/{HOST}/img:1/{'a' * 64}"
+    registry.apply([], [(key, "[]")], lambda k, refusal: None)
+    registry.apply([key], [], lambda k, refusal: None)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 30] == [
+        f"etcd at {etcd.url} has authentication turned off: ETCD_USERNAME='registrar' is not used; "
+        "registering without authentication"]
+    assert "s3cret" not in caplog.text
+    assert etcd.store().get(registry.host_dir) is not None
