@@ -1241,6 +1241,13 @@ class EtcdV2Registry(Registry):
                     "(etcd 3.5 answers \"Raft Internal Error: Not a file\", etcd-io/etcd#13589), so "
                     f"{self.host_dir} cannot be kept alive; set ETCD_API=3 (--etcd-api 3), or "
                     "REGISTER_TTL=0 to register without a TTL") from exc
+            if status == 401:  # v2 authentication: no user, or a wrong one
+                user = self.config.etcd_username
+                source = "ETCD_PASSWORD_FILE" if self.config.etcd_password_file else "ETCD_PASSWORD"
+                raise RegistryBlocked(
+                    f"etcd at {client.base_uri} refused user {user!r}: {describe(exc)}; check ETCD_USERNAME "
+                    f"and {source}" if user else f"etcd at {client.base_uri} requires authentication "
+                    f"({describe(exc)}); set ETCD_USERNAME and ETCD_PASSWORD or ETCD_PASSWORD_FILE") from exc
             if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
                 reason = f"{describe(exc)} (HTTP {status})"
                 if record:  # "Invalid POST form : http: POST too large": another record may pass

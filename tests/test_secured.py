@@ -490,3 +490,49 @@ def test_tls_client_certificate_and_password_together_whatever_the_environment_s
     assert not log_lines(r.log, "warning") and not log_lines(r.log, "error"), r.log
     assert_log_is_clean(r)
     assert_never_shown(r, password, ROOT_PASSWORD)
+
+
+# -- v2: etcd 3.4's v2 authentication (HTTP basic auth), where the server still offers it -------
+
+def test_v2_authentication_least_privilege_and_a_wrong_password(workdir):
+    server = testbed.EtcdServer(workdir, name=f"v2auth{next(_servers)}", version="3.4", v2=True)
+    server.start()
+    try:
+        url, root = server.url, ("root", ROOT_PASSWORD)
+        password = new_password()
+        for path, body, auth in (
+                ("users/root", {"user": "root", "password": ROOT_PASSWORD}, None),
+                ("roles/registrar", {"role": "registrar", "permissions": {"kv": {
+                    "read": ["/registered/*"], "write": ["/registered/*"]}}}, None),
+                ("users/registrar", {"user": "registrar", "password": password, "roles": ["registrar"]},
+                 None),
+                ("enable", None, root),
+                ("roles/guest", {"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}},
+                 root)):
+            answer = requests.put(f"{url}/v2/auth/{path}", json=body, auth=auth, timeout=5)
+            assert answer.status_code in (200, 201), answer.text
+        key = f"/registered/{HOST}/img:1/{'a' * 64}"
+        for given, expected in ((password, None), ("wrong-" + password, "refused")):
+            config = register.load_config([], {"ETCD_ENDPOINT": server.endpoint, "HOST_IP": HOST,
+                                               "ETCD_USERNAME": "registrar", "ETCD_PASSWORD": given})
+            registry = register.make_registry(config)
+            if expected is None:
+                assert registry.prepare() is True
+                done: dict = {}
+                registry.apply([], [(key, "[]")], lambda k, refusal, done=done: done.setdefault(k, refusal))
+                assert done == {key: None}
+                answer = requests.get(f"{url}/v2/keys{key}", auth=root, timeout=5).json()
+                assert answer["node"]["value"] == "[]"
+                continue
+            with pytest.raises(register.RegistryBlocked) as raised:
+                registry.prepare()
+            assert str(raised.value) == (
+                f"etcd at {url} refused user 'registrar': The request requires user authentication : "
+                "Insufficient credentials; check ETCD_USERNAME and ETCD_PASSWORD")
+            assert given not in str(raised.value)
+        anonymous = register.make_registry(register.load_config(
+            [], {"ETCD_ENDPOINT": server.endpoint, "HOST_IP": HOST}))
+        with pytest.raises(register.RegistryBlocked, match=r"requires authentication .*; set ETCD_USERNAME"):
+            anonymous.prepare()
+    finally:
+        server.stop()
