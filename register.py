@@ -1515,8 +1515,7 @@ EtcdRegistry = EtcdV2Registry
 
 
 # gRPC status codes, as etcd's HTTP gateway reports them in the "code" of an error body
-GRPC_DEADLINE_EXCEEDED, GRPC_NOT_FOUND, GRPC_PERMISSION_DENIED = 4, 5, 7
-GRPC_RESOURCE_EXHAUSTED, GRPC_UNAVAILABLE, GRPC_UNAUTHENTICATED = 8, 14, 16
+GRPC_NOT_FOUND, GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED, GRPC_UNAUTHENTICATED = 5, 7, 8, 16
 GRPC_REFUSALS = {3, 6, 7, 9, 11}  # invalid argument, exists, permission, precondition, range
 # what etcd says of a token it no longer takes: expired or from before a restart (simple tokens),
 # or issued before a user or role changed (JWT: "revision of auth store is old" on 3.4, "revision
@@ -1570,7 +1569,6 @@ class EtcdV3Registry(Registry):
         self.lease: int | None = None
         self._started: str | None = None  # when the lease was granted: the host key says it
         self._ready = False
-        self.requests = 0  # to etcd, for the benchmark and the tests: one per batch, not per key
         self.max_ops = self.MAX_TXN_OPS  # lowered when etcd's --max-txn-ops is lower
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
@@ -1620,7 +1618,6 @@ class EtcdV3Registry(Registry):
             headers = {"Authorization": self._authenticate(client)} if self.config.etcd_username else {}
             headers = {k: v for k, v in headers.items() if v}
             try:
-                self.requests += 1
                 return client.post(client.get_url(path), json=body, headers=headers)
             except etcd3gw.exceptions.Etcd3Exception as exc:
                 code, message = self._error(exc)
@@ -1675,7 +1672,6 @@ class EtcdV3Registry(Registry):
             return self._token or None
         user = self.config.etcd_username
         try:
-            self.requests += 1
             answer = client.post(client.get_url("/auth/authenticate"),
                                  json={"name": user, "password": self._password()})
         except etcd3gw.exceptions.Etcd3Exception as exc:
