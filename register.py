@@ -9,13 +9,14 @@ is always computed from Docker's and etcd's current state, so lost, duplicated o
 are harmless, and a periodic full reconcile repairs whatever drifted.
 
 Sections, in reading order: configuration, logging, records (pure), retry schedule, registry
-(etcd), engine (Docker), reconciler, main.
+(etcd), engine (Docker), reconciler, event stream, health, main.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import contextlib
+import http.server
 import importlib.util
 import ipaddress
 import json
@@ -27,7 +28,9 @@ import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -122,6 +125,10 @@ SETTINGS = (
     Setting("ETCD_PASSWORD", "", "",
             "the etcd user's password", "(secret)",
             "ETCD_USERNAME's password; environment only, never a flag (it would show in ps)"),
+    Setting("REGISTER_HEALTH_ADDR", "--health-addr", "",
+            "an IP address (IPv6 in brackets) or localhost, a colon and a port", "127.0.0.1:9109",
+            "serve GET /healthz on this address (off when unset): 200 while Docker's events are "
+            "followed, etcd answers and full reconciles succeed, 503 with the reasons otherwise"),
     Setting("LOG_LEVEL", "--log-level", "info",
             "debug, info, warning or error", "info", "log verbosity"),
     Setting("LOG_FORMAT", "--log-format", "text",
@@ -173,6 +180,7 @@ class Config:
     etcd_username: str | None = None
     etcd_password: str | None = field(default=None, repr=False)  # never printed
     etcd_password_file: str | None = None
+    health_addr: tuple[str, int] | None = None  # (host, port) of the /healthz server
 
     @property
     def host_dir(self) -> str:
@@ -410,6 +418,27 @@ def parse_password_file(text: str) -> str:
     return text
 
 
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """(host, port) to listen on: an IP address or localhost, and a port; IPv6 in brackets."""
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([^:]*)|([^:\[\]]+):([^:]*)", text)
+    if not match:
+        raise ValueError("is not host:port (an IPv6 address goes in brackets)"
+                         if text.count(":") > 1 and not text.startswith("[") else "is not host:port")
+    host, port = (match.group(1), match.group(2)) if match.group(1) else (match.group(3), match.group(4))
+    if host != "localhost":
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"has host {host!r}, which is neither an IP address nor localhost") from None
+        if (address.version == 6) != bool(match.group(1)):
+            raise ValueError("is not host:port (only an IPv6 address goes in brackets)")
+    if not re.fullmatch(r"[0-9]+", port):
+        raise ValueError("has a port that is not a number")
+    if not 1 <= int(port) <= 65535:
+        raise ValueError("has a port out of range 1-65535")
+    return host, int(port)
+
+
 def parse_choice(choices: Iterable[str]) -> Callable[[str], str]:
     def parse(text: str) -> str:
         if text.lower() not in choices:
@@ -433,6 +462,7 @@ PARSERS: Mapping[str, Callable[[str], object]] = {
     "ETCD_USERNAME": lambda text: parse_username(text),
     "ETCD_PASSWORD_FILE": lambda text: parse_password_file(text),
     "ETCD_PASSWORD": lambda text: text,
+    "REGISTER_HEALTH_ADDR": parse_listen_address,
     "LOG_LEVEL": parse_choice(LOG_LEVELS),
     "LOG_FORMAT": parse_choice(("text", "json")),
 }
@@ -454,7 +484,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "equal to the truth. Every setting is an environment variable and a flag (the "
                     "flag wins), except ETCD_PASSWORD, which is read from the environment only. "
                     "Docker is reached as the Docker CLI does (DOCKER_HOST, DOCKER_TLS_VERIFY, "
-                    "DOCKER_CERT_PATH; the local socket by default).")
+                    "DOCKER_CERT_PATH; the local socket by default). `register.py healthcheck` "
+                    "asks a running service's health server (--health-addr) and exits 0 when it "
+                    "is healthy, 1 otherwise.")
     for s in SETTINGS:
         if not s.flag:
             continue
@@ -505,7 +537,7 @@ def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
         docker_host=values["DOCKER_HOST"] or DEFAULT_DOCKER_HOST,
         max_record_bytes=values["REGISTER_MAX_RECORD_BYTES"], etcd_api=values["ETCD_API"],
         etcd_username=values["ETCD_USERNAME"], etcd_password=values["ETCD_PASSWORD"],
-        etcd_password_file=values["ETCD_PASSWORD_FILE"])
+        etcd_password_file=values["ETCD_PASSWORD_FILE"], health_addr=values["REGISTER_HEALTH_ADDR"])
 
 
 def _check_auth(values: Mapping[str, object]) -> None:
@@ -716,6 +748,21 @@ def is_running(inspect: Mapping) -> bool:
     return bool(state.get("Running")) and not state.get("Restarting")
 
 
+IGNORE_LABEL = "register.ignore"  # "true": never registered (the registrar's own image has it)
+
+
+def ignored(inspect: Mapping) -> bool:
+    """Whether the container is labelled register.ignore=true (any case); labels of another shape
+    than Docker's are a RecordError, like any other odd data."""
+    labels = (inspect.get("Config") or {}).get("Labels")
+    if labels is None:
+        return False
+    if not isinstance(labels, Mapping):
+        raise RecordError(f"its labels are a {type(labels).__name__}, not a mapping")
+    value = labels.get(IGNORE_LABEL)
+    return isinstance(value, str) and value.strip().lower() == "true"
+
+
 def container_name(inspect: Mapping) -> str:
     name = inspect.get("Name")
     return name.lstrip("/") if isinstance(name, str) and name else "?"
@@ -771,7 +818,8 @@ def _host_mode_size(inspect: Mapping, host_ip: str, container_id: str) -> tuple[
 
 def desired_entry(inspect: Mapping, host_ip: str, prefix: str,
                   max_bytes: int | None = None) -> Entry | None:
-    """The key and value a container should have; None when it is not running or publishes nothing.
+    """The key and value a container should have; None when it is not running, is labelled
+    register.ignore=true, or publishes nothing.
 
     Raises RecordError when Docker's data cannot be turned into records (also data of another
     shape than Docker's: a string where a mapping belongs), RecordTooLarge when the value would be
@@ -790,7 +838,7 @@ def _desired_entry(inspect: Mapping, host_ip: str, prefix: str, max_bytes: int |
     container_id = inspect.get("Id")
     if not isinstance(container_id, str) or not CONTAINER_ID_RE.fullmatch(container_id):
         raise RecordError(f"container id {container_id!r} is not 64 hex digits")
-    if not is_running(inspect):
+    if not is_running(inspect) or ignored(inspect):
         return None
     counted = _host_mode_size(inspect, host_ip, container_id) if max_bytes is not None else None
     if counted is not None and counted[0] > max_bytes:
@@ -839,7 +887,8 @@ def inspect_from_summary(summary: Mapping) -> dict | None:
             ports[name] = bindings
         return {"Id": summary["Id"], "Name": (summary.get("Names") or [""])[0],
                 "State": {"Running": state in ("running", "paused"), "Restarting": state == "restarting"},
-                "Config": {"Image": image}, "HostConfig": {"NetworkMode": mode},
+                "Config": {"Image": image, "Labels": summary.get("Labels")},
+                "HostConfig": {"NetworkMode": mode},
                 "NetworkSettings": {"Ports": ports}}
     except (KeyError, TypeError, ValueError, AttributeError, IndexError):
         return None  # odd list data: inspecting the container will tell
@@ -1069,6 +1118,10 @@ class Registry:
         self._lock = threading.Lock()
         self._api_checked = False
         self.closed = False
+        self.answered_at: float | None = None  # monotonic time of etcd's last good answer (/healthz)
+
+    def _answered(self) -> None:
+        self.answered_at = time.monotonic()
 
     @property
     def endpoint(self) -> Endpoint:
@@ -1113,6 +1166,7 @@ class Registry:
             for index, endpoint in enumerate(self.endpoints):
                 verdict, detail = self._probe(session, endpoint)
                 if verdict == "serves":
+                    self._answered()
                     self._current = index
                     self._api_checked = True
                     for url, cause in down:
@@ -1229,8 +1283,11 @@ class EtcdV2Registry(Registry):
         record alone (RecordRefused); of anything else, every write here (RegistryBlocked)."""
         client = self._connection()
         try:
-            return operation(client)
+            result = operation(client)
+            self._answered()
+            return result
         except (etcd.EtcdKeyError, etcd.EtcdCompareFailed, etcd.EtcdDirNotEmpty):
+            self._answered()
             raise  # the key's state, handled by the caller
         except etcd.EtcdException as exc:
             payload = exc.payload if isinstance(exc.payload, dict) else {}
@@ -1618,7 +1675,9 @@ class EtcdV3Registry(Registry):
             headers = {"Authorization": self._authenticate(client)} if self.config.etcd_username else {}
             headers = {k: v for k, v in headers.items() if v}
             try:
-                return client.post(client.get_url(path), json=body, headers=headers)
+                result = client.post(client.get_url(path), json=body, headers=headers)
+                self._answered()
+                return result
             except etcd3gw.exceptions.Etcd3Exception as exc:
                 code, message = self._error(exc)
                 if (code == GRPC_UNAUTHENTICATED or any(t in message for t in TOKEN_ERRORS)
@@ -2071,6 +2130,7 @@ class Reconciler:
         self._down: str | None = None  # what failed last, until it works again
         self._error_said = 0.0  # when an error that waits for an operator was last logged
         self.full_reconciles = 0
+        self.reconciled_at: float | None = None  # monotonic time of the last full reconcile done
         self.fatal: str | None = None  # why the service must exit (code 2) instead of retrying
         # containers whose record etcd refused: retried alone, with a backoff of their own
         self._refused: dict[str, Refusal] = {}
@@ -2121,6 +2181,17 @@ class Reconciler:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    # -- read by the health server, without a lock: it must never wait for this thread ----------
+
+    @property
+    def events_connected(self) -> bool:
+        return self._events_connected
+
+    @property
+    def last_error(self) -> str | None:
+        """What failed last, until it works again."""
+        return self._down
 
     # -- the worker ------------------------------------------------------------------------
 
@@ -2287,6 +2358,11 @@ class Reconciler:
             if inspect is None:
                 return None
         try:
+            if ignored(inspect):
+                self._warn_once(container_id, f"container {container_name(inspect)} ({container_id[:12]}) "
+                                f"not registered: labelled {IGNORE_LABEL}=true", level=logging.INFO,
+                                event="ignored", container=container_name(inspect), id=container_id[:12])
+                return None
             return desired_entry(inspect, self.config.host_ip, self.config.prefix,
                                  self.config.max_record_bytes)
         except RecordError as exc:
@@ -2296,13 +2372,13 @@ class Reconciler:
                             id=container_id[:12], cause=str(exc))
             return None
 
-    def _warn_once(self, container_id: str, message: str, **fields) -> None:
-        """A warning about a container, said again only when it changes."""
+    def _warn_once(self, container_id: str, message: str, level: int = logging.WARNING, **fields) -> None:
+        """A line about a container that is not registered, said again only when it changes."""
         with self._cond:
             if self._warned.get(container_id) == message:
                 return
             self._warned[container_id] = message
-        log_event(logging.WARNING, message, **fields)
+        log_event(level, message, **fields)
 
     def _desired_all(self, container_ids: Iterable[str], stopped: Iterable[bool] = (),
                      listed: Iterable[dict | None] = ()) -> dict:
@@ -2448,6 +2524,7 @@ class Reconciler:
                 self._full_reasons.update(dict.fromkeys(reasons))
             self._requeue(dirty)
             raise
+        self.reconciled_at = time.monotonic()
         self._resync.restart()
 
     def _full_reconcile_once(self, reasons: list[str], dirty: dict[str, bool]) -> None:
@@ -2608,6 +2685,166 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
 
 
 # ---------------------------------------------------------------------------------------------
+# Health: GET /healthz for the image's HEALTHCHECK, systemd and operators, and the client that
+# asks it (`register.py healthcheck`)
+# ---------------------------------------------------------------------------------------------
+
+HEALTH_PATH = "/healthz"
+HEALTHCHECK_TIMEOUT = 3.0  # seconds `register.py healthcheck` waits for an answer
+
+
+class Health:
+    """What /healthz says. Read from plain attributes that the reconciler, the event thread and
+    the registry set, without any of their locks: a health probe never waits for them (a worker
+    stuck in a request shows here as an etcd that stopped answering, which it is)."""
+
+    def __init__(self, config: Config, reconciler: Reconciler, registry: Registry,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.reconciler = reconciler
+        self.registry = registry
+        self.clock = clock
+        # etcd must have answered within the longest gap between two requests of a healthy
+        # service (the heartbeat every TTL/3, the resync every REGISTER_RESYNC)
+        self.etcd_limit = max(config.ttl, config.resync)
+        self.reconcile_limit = 2 * config.resync
+
+    def report(self) -> tuple[bool, dict]:
+        """(healthy, the JSON body)."""
+        now = self.clock()
+        reasons = []
+        connected = self.reconciler.events_connected
+        if not connected:
+            reasons.append("Docker's event stream is not connected")
+        answered = self.registry.answered_at
+        etcd_age = None if answered is None else round(now - answered, 1)
+        if etcd_age is None:
+            reasons.append("etcd has not answered yet")
+        elif etcd_age > self.etcd_limit:
+            reasons.append(f"etcd last answered {etcd_age:.0f} s ago (limit {self.etcd_limit} s)")
+        reconciled = self.reconciler.reconciled_at
+        reconcile_age = None if reconciled is None else round(now - reconciled, 1)
+        if reconcile_age is None:
+            reasons.append("no full reconcile has succeeded yet")
+        elif reconcile_age > self.reconcile_limit:
+            reasons.append(f"the last full reconcile succeeded {reconcile_age:.0f} s ago "
+                           f"(limit {self.reconcile_limit} s)")
+        body = {"status": "unhealthy" if reasons else "ok"}
+        if reasons:
+            body["reasons"] = reasons
+            if self.reconciler.last_error:
+                body["last_error"] = self.reconciler.last_error
+        body.update({"host_ip": self.config.host_ip, "etcd_api": self.config.etcd_api,
+                     "docker_events": "connected" if connected else "disconnected",
+                     "etcd_answered_seconds_ago": etcd_age, "full_reconcile_seconds_ago": reconcile_age,
+                     "records": len(self.reconciler.known)})
+        return not reasons, body
+
+
+class _HealthHandler(http.server.BaseHTTPRequestHandler):
+    server_version = f"docker-etcd-register/{VERSION}"
+    timeout = 5  # a client that sends nothing does not hold its thread for long
+
+    def do_GET(self) -> None:
+        self._answer(with_body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(with_body=False)
+
+    def _answer(self, with_body: bool) -> None:
+        if urllib.parse.urlsplit(self.path).path != HEALTH_PATH:
+            status, body = 404, {"error": f"not found; the health signal is GET {HEALTH_PATH}"}
+        else:
+            healthy, body = self.server.health.report()
+            status = 200 if healthy else 503
+        data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        if with_body:
+            self.wfile.write(data)
+
+    def log_message(self, template: str, *args) -> None:
+        log.debug("health server: %s %s", self.address_string(), template % args)
+
+
+class HealthServer(http.server.ThreadingHTTPServer):
+    """The standard library's threaded HTTP server, on its own thread: each request gets a
+    thread of its own, so a slow client delays nobody."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], health: Health):
+        host, port = address
+        if host != "localhost" and ipaddress.ip_address(host).version == 6:
+            self.address_family = socket.AF_INET6
+        self.health = health
+        super().__init__((host, port), _HealthHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}{HEALTH_PATH}"
+
+    def start(self) -> None:
+        threading.Thread(target=self.serve_forever, name="health", daemon=True).start()
+
+
+def healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
+    """`register.py healthcheck`: 0 when the service's /healthz says healthy, 1 when it does not
+    or does not answer (Docker's HEALTHCHECK codes), 2 for a bad address; one line either way."""
+    parser = _Parser(prog=f"{PROG} healthcheck", allow_abbrev=False,
+                     description="Ask a running service's health server (GET /healthz) and exit 0 "
+                                 "when it is healthy, 1 otherwise: for Docker's HEALTHCHECK and "
+                                 "for operators.")
+    setting = SETTING["REGISTER_HEALTH_ADDR"]
+    parser.add_argument(setting.flag, dest=setting.env, metavar=setting.env, default=None,
+                        help=f"the service's health address [env {setting.env}]")
+    try:
+        flag_value = getattr(parser.parse_args(argv), setting.env)
+        source, text = (setting.flag, flag_value) if flag_value is not None else (
+            setting.env, environ.get(setting.env, ""))
+        if not text.strip():
+            raise ConfigError(f"{setting.env} is not set (nor {setting.flag}); expected the address "
+                              f"the service's health server listens on, e.g. {setting.env}={setting.example}")
+        try:
+            host, port = parse_listen_address(text.strip())
+        except ValueError as exc:
+            raise _problem(setting, source, text, str(exc)) from None
+    except ConfigError as exc:
+        print(f"{PROG} healthcheck: error: {exc}", file=sys.stderr)
+        return 2
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}{HEALTH_PATH}"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
+    try:
+        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as answer:
+            status, data = answer.status, answer.read()
+    except urllib.error.HTTPError as exc:
+        status, data = exc.code, exc.read()
+    except (urllib.error.URLError, OSError) as exc:
+        reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+        print(f"unhealthy: no answer from {url}: "
+              f"{describe(reason) if isinstance(reason, BaseException) else reason}")
+        return 1
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = {}
+    if status == 200 and body.get("status") == "ok":
+        print(f"healthy: Docker's events followed, etcd answered {body.get('etcd_answered_seconds_ago')} s "
+              f"ago, last full reconcile {body.get('full_reconcile_seconds_ago')} s ago, "
+              f"{body.get('records')} record(s)")
+        return 0
+    reasons = body.get("reasons") if isinstance(body, dict) else None
+    said = "; ".join(map(str, reasons)) if isinstance(reasons, list) and reasons else printable(
+        data.decode(errors="replace"), 200)
+    print(f"unhealthy (HTTP {status}): {said}")
+    return 1
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -2616,6 +2853,9 @@ DEREGISTER_SECONDS = 1.0  # of which the subtree deletion of --deregister-on-exi
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["healthcheck"]:
+        return healthcheck(argv[1:], environ)
     try:
         config = load_config(argv, environ)
     except ConfigError as exc:
@@ -2645,6 +2885,17 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
               event="starting", host_ip=config.host_ip, prefix=config.prefix)
     for warning in host_ip_warnings(config.host_ip):
         log_event(logging.WARNING, warning, event="host_ip")
+    if config.health_addr:
+        try:
+            server = HealthServer(config.health_addr, Health(config, reconciler, registry))
+        except OSError as exc:  # the port is taken, or the address is not this host's
+            host, port = config.health_addr
+            print(f"{PROG}: error: REGISTER_HEALTH_ADDR={f'[{host}]' if ':' in host else host}:{port} "
+                  f"cannot be listened on ({describe(exc)}); expected a free port on an address of "
+                  "this host", file=sys.stderr)
+            return 2
+        server.start()
+        log_event(logging.INFO, f"health signal at {server.url}", event="health_server", url=server.url)
     threads = [threading.Thread(target=reconciler.run, name="reconciler", daemon=True),
                threading.Thread(target=follow_events, args=(engine, reconciler, stop),
                                 name="events", daemon=True)]

@@ -301,6 +301,7 @@ def test_help_documents_every_setting_with_its_default():
         ("REGISTER_MAX_RECORD_BYTES", "--max-record-bytes", "524288"),
         ("ETCD_API", "--etcd-api", "2"), ("ETCD_USERNAME", "--etcd-username", None),
         ("ETCD_PASSWORD_FILE", "--etcd-password-file", None),
+        ("REGISTER_HEALTH_ADDR", "--health-addr", None),
     ]:
         assert f"{flag} {env}" in text
         assert f"[env {env}]" in text
@@ -308,6 +309,61 @@ def test_help_documents_every_setting_with_its_default():
             assert f"[env {env}] (default: {default})" in text
     assert "--deregister-on-exit" in text
     assert "DOCKER_HOST" in text
+    assert "`register.py healthcheck` asks a running service's health server (--health-addr)" in text
+
+
+HEALTH_EXPECTED = "expected an IP address (IPv6 in brackets) or localhost, a colon and a port"
+
+
+@pytest.mark.parametrize(("text", "address"), [
+    ("127.0.0.1:9109", ("127.0.0.1", 9109)), ("[::1]:9109", ("::1", 9109)),
+    ("localhost:1", ("localhost", 1)), (" 0.0.0.0:65535 ", ("0.0.0.0", 65535)), ("", None)])
+def test_the_health_address(text, address):
+    assert load_config([], {**GOOD, "REGISTER_HEALTH_ADDR": text}).health_addr == address
+    assert load_config(["--health-addr", text], GOOD).health_addr == address
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("9109", "is not host:port"),
+    (":9109", "is not host:port"),
+    ("::1:9109", "is not host:port (an IPv6 address goes in brackets)"),
+    ("[127.0.0.1]:9109", "is not host:port (only an IPv6 address goes in brackets)"),
+    ("health.example:9109", "has host 'health.example', which is neither an IP address nor localhost"),
+    ("127.0.0.1:http", "has a port that is not a number"),
+    ("127.0.0.1:0", "has a port out of range 1-65535"),
+    ("127.0.0.1:65536", "has a port out of range 1-65535"),
+])
+def test_a_bad_health_address_is_refused(text, problem):
+    result = run_register({**GOOD, "REGISTER_HEALTH_ADDR": text})
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (f"register.py: error: REGISTER_HEALTH_ADDR={text!r} {problem}; "
+                             f"{HEALTH_EXPECTED}, e.g. REGISTER_HEALTH_ADDR=127.0.0.1:9109\n")
+    checked = run_register({}, "healthcheck", "--health-addr", text)
+    assert (checked.returncode, checked.stdout) == (2, "")
+    assert checked.stderr == (f"register.py healthcheck: error: --health-addr={text!r} {problem}; "
+                              f"{HEALTH_EXPECTED}, e.g. --health-addr=127.0.0.1:9109\n")
+
+
+def test_healthcheck_without_an_address():
+    result = run_register({}, "healthcheck")
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == (
+        "register.py healthcheck: error: REGISTER_HEALTH_ADDR is not set (nor --health-addr); expected the "
+        "address the service's health server listens on, e.g. REGISTER_HEALTH_ADDR=127.0.0.1:9109\n")
+
+
+def test_a_health_port_in_use_is_refused_at_start():
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_register({**GOOD, "REGISTER_HEALTH_ADDR": f"127.0.0.1:{port}"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"register.py: error: REGISTER_HEALTH_ADDR=127.0.0.1:{port} cannot be listened on (address already "
+        "in use); expected a free port on an address of this host")
+    assert "Traceback" not in result.stderr
 
 
 def test_defaults():

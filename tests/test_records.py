@@ -117,6 +117,25 @@ def test_a_paused_container_counts_as_running():
     assert json.loads(e.value)[0]["public_port"] == "8093"
 
 
+@pytest.mark.parametrize(("labels", "registered"), [
+    ({"register.ignore": "true"}, False),
+    ({"register.ignore": "TRUE", "other": "x"}, False),  # the registrar's own image says "true"
+    ({"register.ignore": " True "}, False),
+    ({"register.ignore": "false"}, True),
+    ({"register.ignore": "yes"}, True),  # only "true" ignores: no guessing at other words
+    ({"register.ignore": ""}, True),
+    ({"register.ignore": None}, True),
+    ({"Register.Ignore": "true"}, True),  # label keys are case-sensitive in Docker
+    ({}, True),
+    (None, True),  # Docker reports no labels as null
+])
+def test_the_ignore_label(labels, registered):
+    inspect = fixture("wildcard_tcp_udp")
+    inspect["Config"]["Labels"] = labels
+    assert (desired_entry(inspect, HOST, PREFIX) is not None) is registered
+    assert register.ignored(inspect) is not registered
+
+
 def test_a_restarting_container_has_no_key():
     inspect = fixture("wildcard_tcp_udp")
     inspect["State"]["Restarting"] = True
@@ -200,6 +219,8 @@ def test_an_empty_binding_address_is_a_wildcard():
     (lambda i: i["Config"].update({"Image": "bad image?"}),
      "image reference 'bad image?' has characters that cannot be part of a key"),
     (lambda i: i.update({"Id": "9fa8951b449c"}), "container id '9fa8951b449c' is not 64 hex digits"),
+    (lambda i: i["Config"].update({"Labels": ["register.ignore=true"]}),
+     "its labels are a list, not a mapping"),
 ])
 def test_odd_data_is_an_error_naming_what_is_wrong(change, message):
     inspect = fixture("wildcard_tcp_udp")
@@ -240,7 +261,7 @@ def test_describe_record_for_removal_logs():
 # -- records from the container list (a full reconcile's shortcut) -----------------------------
 
 SUMMARY = {"Id": "a" * 64, "Names": ["/web"], "Image": "regtest/busybox:1", "ImageID": "sha256:" + "b" * 64,
-           "State": "paused", "HostConfig": {"NetworkMode": "bridge"},
+           "State": "paused", "HostConfig": {"NetworkMode": "bridge"}, "Labels": {"register.ignore": "true"},
            "Ports": [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"},
                      {"IP": "::", "PrivatePort": 80, "PublicPort": 8080, "Type": "tcp"},
                      {"PrivatePort": 9090, "Type": "tcp"}]}
@@ -249,10 +270,14 @@ SUMMARY = {"Id": "a" * 64, "Names": ["/web"], "Image": "regtest/busybox:1", "Ima
 def test_a_container_list_entry_gives_what_the_records_need():
     assert register.inspect_from_summary(SUMMARY) == {
         "Id": "a" * 64, "Name": "/web", "State": {"Running": True, "Restarting": False},
-        "Config": {"Image": "regtest/busybox:1"}, "HostConfig": {"NetworkMode": "bridge"},
+        "Config": {"Image": "regtest/busybox:1", "Labels": {"register.ignore": "true"}},
+        "HostConfig": {"NetworkMode": "bridge"},
         "NetworkSettings": {"Ports": {"80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"},
                                                  {"HostIp": "::", "HostPort": "8080"}],
                                       "9090/tcp": None}}}
+    # the list says enough to leave the registrar's own container out, without an inspect
+    assert desired_entry(register.inspect_from_summary(SUMMARY), HOST, PREFIX) is None
+    assert desired_entry(register.inspect_from_summary({**SUMMARY, "Labels": {}}), HOST, PREFIX) is not None
 
 
 @pytest.mark.parametrize("change", [
