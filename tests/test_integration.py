@@ -227,6 +227,27 @@ def test_rm_force_while_running_removes_the_key(docker, client, registrar, prefi
              {f"{prefix}/{HOST}/{IMAGE}/{keep}": val(rec(keep, HOST, 8302, 80))}, r)
 
 
+def test_a_container_labelled_register_ignore_is_never_registered(docker, client, registrar, prefix):
+    # one started before the service (the full reconcile, from the container list), one after (an event)
+    before = run(docker, "--name", "quiet-before", "--label", "register.ignore=true", "-p", "8304:80",
+                 BASE_IMAGE)
+    seen = run(docker, "--name", "seen", "--label", "register.ignore=false", "-p", "8305:80", BASE_IMAGE)
+    r = registrar(resync=1)
+    r.wait_for_log("connected to Docker")
+    after = run(docker, "--name", "quiet-after", "--label", "register.ignore=TRUE", "-p", "8306:80",
+                BASE_IMAGE)
+    sentinel = run(docker, "--name", "sentinel", "-p", "8307:80", BASE_IMAGE)
+    expected = {f"{prefix}/{HOST}/{IMAGE}/{seen}": val(rec(seen, HOST, 8305, 80)),
+                f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8307, 80))}
+    converge(client, f"{prefix}/{HOST}", expected, r)
+    testbed.wait_until(lambda: r.log.count("full reconcile (periodic resync)") >= 3, 20, "three resyncs")
+    assert read_tree(client, f"{prefix}/{HOST}") == expected
+    # said once each at info, not at every resync
+    for name, cid in (("quiet-before", before), ("quiet-after", after)):
+        line = f"container {name} ({cid[:12]}) not registered: labelled register.ignore=true"
+        assert r.log.count(line) == 1, r.log
+
+
 def test_the_same_image_many_times(docker, client, registrar, prefix):
     cids = [run(docker, "-p", f"{8310 + n}:80", BASE_IMAGE) for n in range(12)]
     converge(client, f"{prefix}/{HOST}", {
