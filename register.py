@@ -1119,6 +1119,31 @@ class Registry:
         self._api_checked = False
         self.closed = False
         self.answered_at: float | None = None  # monotonic time of etcd's last good answer (/healthz)
+        self._client = None  # the current endpoint's client (_connection)
+        self._ready = False  # the liveness was found in place since the last failure
+
+    # -- the client of the current endpoint ----------------------------------------------------
+
+    def _connection(self):
+        """One client per endpoint, made on first use and again after a connection failure:
+        python-etcd gives up on a server list for good once every member failed, and this service
+        must never give up."""
+        with self._lock:
+            if self._client is None:
+                self._client = self._make_client(self.endpoint)
+            return self._client
+
+    def _make_client(self, endpoint: Endpoint):
+        raise NotImplementedError
+
+    def _failed(self, client) -> None:
+        """A request through `client` failed: the next goes to the next endpoint, and the
+        liveness is looked at again before any write."""
+        with self._lock:
+            if self._client is client:  # the first thread to see the failure moves on
+                self._client = None
+                self._current += 1
+            self._ready = False
 
     def _answered(self) -> None:
         self.answered_at = time.monotonic()
@@ -1247,8 +1272,6 @@ class EtcdV2Registry(Registry):
         super().__init__(config)
         self._ca_file = config.etcd_ca_file
         self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
-        self._client: etcd.Client | None = None
-        self._dir_ready = False
         self._dirs: set[str] = set()  # the directories below the host directory, as last read
         self._pool = pool  # shared with the reconciler's inspects: the service's one I/O pool
 
@@ -1261,22 +1284,16 @@ class EtcdV2Registry(Registry):
                 "serve it only when started with --enable-v2=true, 3.6 and later not at all); set "
                 "ETCD_API=3 (--etcd-api 3) to register with the v3 API, or enable v2 on every member")
 
-    def _connection(self) -> etcd.Client:
-        # One client per endpoint, rebuilt after any connection failure: python-etcd gives up on
-        # a server list for good once every member failed, and this service must never give up.
-        with self._lock:
-            if self._client is None:
-                ep = self.endpoint
-                user = self.config.etcd_username
-                self._client = etcd.Client(host=ep.host, port=ep.port, protocol=ep.protocol,
-                                           read_timeout=self.TIMEOUT, allow_reconnect=False,
-                                           per_host_pool_size=self.POOL, cert=self._cert,
-                                           ca_cert=self._ca_file, username=user,
-                                           password=self._password() if user else None)
-                # urllib3 would retry each request three more times on its own (4 x TIMEOUT
-                # against a stalled etcd); retries are this service's, with backoff and a log line.
-                self._client.http.connection_pool_kw["retries"] = urllib3.Retry(0)
-            return self._client
+    def _make_client(self, endpoint: Endpoint) -> etcd.Client:
+        user = self.config.etcd_username
+        client = etcd.Client(host=endpoint.host, port=endpoint.port, protocol=endpoint.protocol,
+                             read_timeout=self.TIMEOUT, allow_reconnect=False,
+                             per_host_pool_size=self.POOL, cert=self._cert, ca_cert=self._ca_file,
+                             username=user, password=self._password() if user else None)
+        # urllib3 would retry each request three more times on its own (4 x TIMEOUT against a
+        # stalled etcd); retries are this service's, with backoff and a log line.
+        client.http.connection_pool_kw["retries"] = urllib3.Retry(0)
+        return client
 
     def _call(self, operation: Callable[[etcd.Client], object], key: str, record: bool = False):
         """One request about `key`. etcd's refusals (HTTP 4xx) of a record write concern that
@@ -1319,12 +1336,6 @@ class EtcdV2Registry(Registry):
             self._failed(client)
             raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {describe(exc)}") from exc
 
-    def _failed(self, client: etcd.Client) -> None:
-        with self._lock:
-            if self._client is client:  # the first thread to see the failure moves on
-                self._client = None
-                self._current += 1
-            self._dir_ready = False  # after any error, ensure the directory before writing
 
     def _write(self, key: str, operation: Callable[[etcd.Client, str], object], host_dir: bool = False,
                final: bool = False, found: bool = False, record: bool = False):
@@ -1345,10 +1356,10 @@ class EtcdV2Registry(Registry):
         Returns True when the directory was missing or had lost its TTL: whatever was under it
         cannot be trusted, and a full reconcile must follow.
         """
-        if self._dir_ready:
+        if self._ready:
             return False
         repaired = self._ensure_ttl_dir() if self.ttl else self._ensure_no_ttl()
-        self._dir_ready = True
+        self._ready = True
         return repaired
 
     def _ensure_ttl_dir(self) -> bool:
@@ -1401,7 +1412,7 @@ class EtcdV2Registry(Registry):
         """A plain value where this host's directory belongs: the key is this host's own."""
         with contextlib.suppress(etcd.EtcdKeyNotFound):
             self._write(self.host_dir, lambda c, k: c.delete(k), host_dir=True)
-        self._dir_ready = False
+        self._ready = False
         if say:
             log_event(logging.WARNING, f"replaced the plain value at {self.host_dir}, where this host's "
                       "directory belongs; re-registering everything", event="host_value_replaced",
@@ -1441,14 +1452,14 @@ class EtcdV2Registry(Registry):
             result = self._write(self.host_dir, lambda c, k: c.write(
                 k, None, dir=True, ttl=self.ttl, refresh=True, prevExist=True), host_dir=True)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
-            self._dir_ready = False
+            self._ready = False
             return "had expired or lost its TTL"
         previous = getattr(result, "_prev_node", None)
         if previous is not None and not previous.dir:
             self._replace_plain_host_value(say=False)  # the caller says it, with what follows
             return "had been replaced by a plain value, now removed"
         if previous is None or previous.ttl is None:
-            self._dir_ready = False
+            self._ready = False
             return "had expired or lost its TTL"
         return None
 
@@ -1461,7 +1472,7 @@ class EtcdV2Registry(Registry):
             self._dirs = set()
             return Records({})
         if not top.dir:  # a plain value in the directory's place: prepare() replaces it
-            self._dir_ready = False
+            self._ready = False
             self._dirs = set()
             return Records({})
         leaves, dirs = {}, set()
@@ -1560,7 +1571,7 @@ class EtcdV2Registry(Registry):
         """With REGISTER_TTL=0 an empty host directory goes; with a TTL it stays, as a heartbeat."""
         if not self.ttl:
             self.prune(self.host_dir)
-            self._dir_ready = False
+            self._ready = False
 
     def clear(self) -> None:
         with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile):
@@ -1620,12 +1631,10 @@ class EtcdV3Registry(Registry):
         import etcd3gw.exceptions
         super().__init__(config)
         self._http = self._session()
-        self._client: etcd3gw.Etcd3Client | None = None
         self._token: str | None = None  # for the current client: simple tokens are per member
         self._auth_off_said = False
         self.lease: int | None = None
         self._started: str | None = None  # when the lease was granted: the host key says it
-        self._ready = False
         self.max_ops = self.MAX_TXN_OPS  # lowered when etcd's --max-txn-ops is lower
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
@@ -1647,22 +1656,11 @@ class EtcdV3Registry(Registry):
 
     # -- requests ----------------------------------------------------------------------------
 
-    def _connection(self) -> etcd3gw.Etcd3Client:
-        with self._lock:
-            if self._client is None:
-                ep = self.endpoint
-                self._client = etcd3gw.Etcd3Client(host=ep.host.strip("[]"), port=ep.port,
-                                                   protocol=ep.protocol, timeout=self.TIMEOUT,
-                                                   api_path="/v3/", session=self._http)
-                self._token = None
-            return self._client
-
-    def _failed(self, client: etcd3gw.Etcd3Client) -> None:
-        with self._lock:
-            if self._client is client:
-                self._client = None
-                self._current += 1
-            self._ready = False  # after any error, look at the host key before writing
+    def _make_client(self, endpoint: Endpoint) -> etcd3gw.Etcd3Client:
+        self._token = None  # simple tokens are per member
+        return etcd3gw.Etcd3Client(host=endpoint.host.strip("[]"), port=endpoint.port,
+                                   protocol=endpoint.protocol, timeout=self.TIMEOUT, api_path="/v3/",
+                                   session=self._http)
 
     def _post(self, path: str, body: dict, about: str, record: bool = False, final: bool = False):
         """One request to the gateway; `about` names the key (or lease) for messages. A token

@@ -110,7 +110,7 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
     client.delete("/scope/10.99.0.1", recursive=True, dir=True)
     client.write("/scope/10.99.0.1", "a plain value", ttl=30)
     assert registry.refresh() == "had been replaced by a plain value, now removed"
-    registry._dir_ready = False
+    registry._ready = False
     assert registry.prepare() is True
     # keys an operator put there with characters a URL reads otherwise: deleted exactly, escaped
     odd = ["/scope/10.99.0.1/a b", "/scope/10.99.0.1/a?recursive=true", "/scope/10.99.0.1/caf\u00e9#1"]
