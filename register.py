@@ -2113,6 +2113,9 @@ class Reconciler:
         self._events_connected = False
         self._refresh_suspended = False  # Docker is unreachable: this host's records are unvouched
         self._suspension_said = False
+        # Docker failed to answer or its stream broke (False too before the first attempt: at
+        # start, not being connected yet says nothing of Docker)
+        self._docker_down = False
         # containers whose latest event said they stopped, while Docker's list may still show them
         # running (it lags behind the event by the teardown): the list is not trusted for them
         self._stopped_lately: set[str] = set()
@@ -2169,12 +2172,18 @@ class Reconciler:
             self._cond.notify()
 
     def set_events_connected(self, connected: bool) -> None:
+        warn = False
         with self._cond:
             self._events_connected = connected
+            self._docker_down = not connected
             if connected:
                 self._full_reasons.setdefault("connected to Docker's event stream")
                 self._refresh_suspended = False
+            elif self._refresh_suspended and not self._suspension_said:
+                warn = self._suspension_said = True  # suspended before Docker's first answer
             self._cond.notify()
+        if warn:
+            self._say_suspended()
 
     def wake(self) -> None:
         with self._cond:
@@ -2280,15 +2289,19 @@ class Reconciler:
             suspending = not connected and not self._refresh_suspended
             if suspending:
                 self._refresh_suspended = True
-            # said once per outage, also when a stream that Docker closes at once comes and goes
-            warn = suspending and not self._suspension_said
-            self._suspension_said = not connected and (self._suspension_said or suspending)
+            # said once per outage, also when a stream that Docker closes at once comes and goes,
+            # and only once Docker is known to be down: not for the moment before its first answer
+            warn = suspending and not self._suspension_said and self._docker_down
+            self._suspension_said = not connected and (self._suspension_said or warn)
         if warn:
-            what = "TTL" if self.registry.API == 2 else "lease"
-            log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the {what} of "
-                      f"{self.registry.host_dir}; its records expire within {self.config.ttl} s "
-                      "unless Docker returns", event="refresh_suspended")
+            self._say_suspended()
         return connected
+
+    def _say_suspended(self) -> None:
+        what = "TTL" if self.registry.API == 2 else "lease"
+        log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the {what} of "
+                  f"{self.registry.host_dir}; its records expire within {self.config.ttl} s "
+                  "unless Docker returns", event="refresh_suspended")
 
     def _note_full(self, reason: str) -> None:
         with self._cond:

@@ -142,6 +142,56 @@ def test_no_refresh_while_docker_is_unreachable_then_one_as_soon_as_it_is_back(c
         "expire within 30 s unless Docker returns"]
 
 
+SUSPENDED = ("Docker is unreachable: no longer refreshing the TTL of /registered/10.0.0.1; its records "
+             "expire within 30 s unless Docker returns")
+
+
+def warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_an_adopted_ttl_due_before_dockers_first_answer_is_no_warning(caplog):
+    # a restart within the TTL adopts the liveness and refreshes it as soon as Docker vouches;
+    # the reconciler gets there before the event thread's first connection: nothing is wrong yet
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = FakeRegistry()
+        worker = reconciler(config(ttl=30), registry)
+        worker._step()
+        clock.tick(1)
+        worker._step()
+        assert (registry.refreshes, warnings(caplog)) == (0, [])
+        worker.set_events_connected(True)
+        worker._step()
+        assert (registry.refreshes, warnings(caplog)) == (1, [])
+
+
+def test_docker_down_at_start_with_an_adopted_ttl_is_said_once(caplog):
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = FakeRegistry()
+        worker = reconciler(config(ttl=30), registry)
+        worker._step()  # the refresh is due and waits for Docker
+        worker.set_events_connected(False)  # the event thread's first attempt failed
+        assert warnings(caplog) == [SUSPENDED]
+        for _ in range(3):
+            clock.tick(11)
+            worker._step()
+            worker.set_events_connected(False)  # each retry fails again
+        assert (registry.refreshes, warnings(caplog)) == (0, [SUSPENDED])
+
+
+def test_docker_down_at_start_without_an_adopted_ttl_is_said_at_the_refresh(caplog):
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = FakeRegistry()
+        registry.prepare = lambda: True  # a new host directory: its whole TTL ahead
+        worker = reconciler(config(ttl=30), registry)
+        worker._step()
+        worker.set_events_connected(False)
+        assert warnings(caplog) == []  # nothing to refresh yet
+        clock.tick(10)
+        worker._step()
+        assert (registry.refreshes, warnings(caplog)) == (0, [SUSPENDED])
+
+
 def test_no_refresh_without_ttl():
     with freeze_time("2026-11-22 00:00:00") as clock:
         registry = FakeRegistry()
