@@ -137,6 +137,9 @@ def test_unit_registers_restarts_after_a_crash_without_stale_records_and_stops(
     mounts = {m["Destination"]: (m["Source"], m["RW"]) for m in engine.inspect(container)["Mounts"]}
     assert mounts == {"/var/run/docker.sock": (str(engine.socket), True),
                       str(host.config_dir): (str(host.config_dir), False)}
+    restrictions = engine.inspect(container)["HostConfig"]
+    assert (restrictions["ReadonlyRootfs"], restrictions["CapDrop"], restrictions["SecurityOpt"],
+            restrictions["NetworkMode"]) == (True, ["ALL"], ["no-new-privileges"], "host")
     records = read_tree(client, f"{prefix}/{HOST_IP}")
     assert list(records) == [f"{prefix}/{HOST_IP}/regtest::busybox:1/{first}"]
     print(f"start to registered: {time.monotonic() - started:.1f} s (invariant {registered:.1f} s)")
