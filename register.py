@@ -1114,6 +1114,11 @@ class Registry:
         self.scope = HostScope(config.prefix, config.host_ip, flat=self.API == 3)
         self.host_dir = self.scope.host_dir  # v2: the host directory; v3: the host key
         self.ttl = config.ttl
+        # A heartbeat that cannot land within a third of the TTL is retried rather than waited
+        # on: a v2 member that lost its leader holds a write for the whole election, and with
+        # the whole request timeout a short TTL ran out before the retry (three hosts, v2, TTL 6)
+        self.heartbeat_timeout = min(float(self.TIMEOUT), max(1.0, config.ttl / 3)) if config.ttl \
+            else float(self.TIMEOUT)
         self._current = 0
         self._lock = threading.Lock()
         self._api_checked = False
@@ -1449,8 +1454,7 @@ class EtcdV2Registry(Registry):
         like a directory, and which is removed here). Then the caller must re-register everything.
         """
         try:
-            result = self._write(self.host_dir, lambda c, k: c.write(
-                k, None, dir=True, ttl=self.ttl, refresh=True, prevExist=True), host_dir=True)
+            result = self._write(self.host_dir, self._refresh_request, host_dir=True)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
             self._ready = False
             return "had expired or lost its TTL"
@@ -1462,6 +1466,14 @@ class EtcdV2Registry(Registry):
             self._ready = False
             return "had expired or lost its TTL"
         return None
+
+    def _refresh_request(self, client: etcd.Client, key: str):
+        """Client.write's PUT of `dir=true&ttl=…&refresh=true&prevExist=true`, with the heartbeat's
+        own timeout (write takes none)."""
+        params = {"dir": "true", "ttl": self.ttl, "refresh": "true", "prevExist": "true"}
+        response = client.api_execute(client.key_endpoint + key, client._MPUT, params=params,
+                                      timeout=self.heartbeat_timeout)
+        return client._result_from_response(response)
 
     # -- records ----------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ import itertools
 import os
 import shutil
 import signal
+import time
 
 import invariant
 import pytest
@@ -79,6 +80,17 @@ def engine(workdir):
         yield docker_engine
     finally:
         docker_engine.stop()
+
+
+@pytest.fixture(scope="session")
+def registrar_image(engine) -> str:
+    """The registrar's image, built once per session in the suite's engine from the Debian base
+    (tests/image.py); the cluster's engines load it from there."""
+    import image
+    started = time.monotonic()
+    tag = image.registrar_image(engine)
+    image.TIMINGS.append(("registrar image in the suite's engine, all steps", time.monotonic() - started))
+    return tag
 
 
 @pytest.fixture

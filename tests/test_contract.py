@@ -10,6 +10,7 @@ everything.
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 import urllib.parse
 
@@ -63,6 +64,25 @@ def make(server, api):
 
     build.prefix = prefix
     return build
+
+
+def test_a_v2_heartbeat_waits_at_most_a_third_of_the_ttl(server, make, api):
+    if api == 3:
+        pytest.skip("v3: the keepalive keeps the request timeout; a new leader renews every lease")
+    registry = make(ttl=3)
+    registry.prepare()
+    server.process.send_signal(signal.SIGSTOP)  # a member that holds writes, as one without a leader
+    try:
+        started = time.monotonic()
+        with pytest.raises(register.RegistryUnavailable) as raised:
+            registry.heartbeat()
+        took = time.monotonic() - started
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    assert 1.0 <= took < 2.5  # the request timeout is 5 s
+    assert str(raised.value).startswith(f"etcd at http://127.0.0.1:{server.client_port} failed: ")
+    if server.version == "3.4":  # 3.5's v2 API cannot refresh a directory's TTL (ApiMismatch, exit 2)
+        assert registry.heartbeat() is None  # the next one, once etcd answers, finds it in place
 
 
 def record_key(registry: register.Registry, n: int, image: str = "regtest::busybox:1") -> str:

@@ -169,15 +169,6 @@ class UnitRun:
 # fixtures ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def registrar_image(engine) -> str:
-    """The image, built once per session in the suite's engine from the Debian base."""
-    started = time.monotonic()
-    tag = image.registrar_image(engine)
-    image.TIMINGS.append(("registrar image in the suite's engine, all steps", time.monotonic() - started))
-    return tag
-
-
-@pytest.fixture(scope="session")
 def uplink(engine):
     link = Uplink(engine, prefix="rtA").start()
     yield link

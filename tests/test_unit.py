@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 
-import image
 import pytest
 import store
 import testbed
@@ -33,8 +32,8 @@ _hosts = itertools.count(1)
 
 
 @pytest.fixture(scope="session")
-def registrar_tag(engine) -> str:
-    return image.registrar_image(engine)
+def registrar_tag(registrar_image) -> str:
+    return registrar_image
 
 
 @pytest.fixture(scope="session")
