@@ -19,6 +19,7 @@ import contextlib
 import http.server
 import importlib.util
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -420,6 +421,8 @@ def parse_password_file(text: str) -> str:
 
 def parse_listen_address(text: str) -> tuple[str, int]:
     """(host, port) to listen on: an IP address or localhost, and a port; IPv6 in brackets."""
+    if "://" in text:
+        raise ValueError("is not host:port (no scheme: it is an address to listen on)")
     match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([^:]*)|([^:\[\]]+):([^:]*)", text)
     if not match:
         raise ValueError("is not host:port (an IPv6 address goes in brackets)"
@@ -2027,6 +2030,24 @@ class DockerEngine:
         self._lock = threading.Lock()
         self._stream = None
         self.address = address  # validated by the configuration: no credentials, a usable scheme
+        self._pending: dict[int, float] = {}  # requests under way -> when each was sent (/healthz)
+        self._requests = itertools.count()
+
+    @contextlib.contextmanager
+    def _request(self):
+        token = next(self._requests)
+        with self._lock:
+            self._pending[token] = time.monotonic()
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._pending[token]
+
+    def waiting_since(self) -> float | None:
+        """When the oldest request still under way was sent (a Docker that hangs), or None."""
+        with self._lock:
+            return min(self._pending.values(), default=None)
 
     def _client(self) -> docker.APIClient:
         with self._lock:
@@ -2044,14 +2065,16 @@ class DockerEngine:
     def running(self) -> list[dict]:
         """The container list (running and paused ones): one request for all of them."""
         try:
-            return self._client().containers()
+            with self._request():
+                return self._client().containers()
         except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
             raise self._unavailable(exc) from exc
 
     def inspect(self, container_id: str) -> dict | None:
         """The container's inspect data; None when it no longer exists."""
         try:
-            return self._client().inspect_container(container_id)
+            with self._request():
+                return self._client().inspect_container(container_id)
         except docker.errors.NotFound:
             return None
         except requests.exceptions.RequestException as exc:
@@ -2713,23 +2736,29 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
 # ---------------------------------------------------------------------------------------------
 
 HEALTH_PATH = "/healthz"
-HEALTHCHECK_TIMEOUT = 3.0  # seconds `register.py healthcheck` waits for an answer
+HEALTHCHECK_TIMEOUT = 3.0  # seconds `register.py healthcheck` waits for an answer, in all
+HEALTH_BODY_LIMIT = 64 * 1024  # bytes of an answer it reads (a health body takes 300)
 
 
 class Health:
-    """What /healthz says. Read from plain attributes that the reconciler, the event thread and
-    the registry set, without any of their locks: a health probe never waits for them (a worker
-    stuck in a request shows here as an etcd that stopped answering, which it is)."""
+    """What /healthz says. Read from plain attributes that the reconciler, the event thread, the
+    registry and the Docker adapter set, without waiting for any of them: a health probe never
+    waits for the reconciler (a worker stuck in a request shows here as what it waits for)."""
+
+    DOCKER_WAIT = 5.0  # seconds a request to Docker may take before it is a reason (one takes ms)
 
     def __init__(self, config: Config, reconciler: Reconciler, registry: Registry,
-                 clock: Callable[[], float] = time.monotonic):
+                 engine: DockerEngine | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
         self.reconciler = reconciler
         self.registry = registry
+        self.engine = engine
         self.clock = clock
         # etcd must have answered within the longest gap between two requests of a healthy
-        # service (the heartbeat every TTL/3, the resync every REGISTER_RESYNC)
-        self.etcd_limit = max(config.ttl, config.resync)
+        # service (the heartbeat every TTL/3, the resync every REGISTER_RESYNC), plus the time one
+        # request may take: a resync asks etcd only after Docker's list (without a TTL, nothing
+        # else asks it), and a flapping signal would be worse than a late one
+        self.etcd_limit = max(config.ttl, config.resync) + Registry.TIMEOUT
         self.reconcile_limit = 2 * config.resync
 
     def report(self) -> tuple[bool, dict]:
@@ -2739,18 +2768,21 @@ class Health:
         connected = self.reconciler.events_connected
         if not connected:
             reasons.append("Docker's event stream is not connected")
+        waiting = self.engine.waiting_since() if self.engine is not None else None
+        if waiting is not None and now - waiting > self.DOCKER_WAIT:
+            reasons.append(f"a request to Docker has been waiting {now - waiting:.1f} s")
         answered = self.registry.answered_at
         etcd_age = None if answered is None else round(now - answered, 1)
         if etcd_age is None:
             reasons.append("etcd has not answered yet")
         elif etcd_age > self.etcd_limit:
-            reasons.append(f"etcd last answered {etcd_age:.0f} s ago (limit {self.etcd_limit} s)")
+            reasons.append(f"etcd last answered {etcd_age} s ago (limit {self.etcd_limit} s)")
         reconciled = self.reconciler.reconciled_at
         reconcile_age = None if reconciled is None else round(now - reconciled, 1)
         if reconcile_age is None:
             reasons.append("no full reconcile has succeeded yet")
         elif reconcile_age > self.reconcile_limit:
-            reasons.append(f"the last full reconcile succeeded {reconcile_age:.0f} s ago "
+            reasons.append(f"the last full reconcile succeeded {reconcile_age} s ago "
                            f"(limit {self.reconcile_limit} s)")
         body = {"status": "unhealthy" if reasons else "ok"}
         if reasons:
@@ -2795,16 +2827,66 @@ class _HealthHandler(http.server.BaseHTTPRequestHandler):
 
 class HealthServer(http.server.ThreadingHTTPServer):
     """The standard library's threaded HTTP server, on its own thread: each request gets a
-    thread of its own, so a slow client delays nobody."""
+    thread of its own, so a slow client delays nobody. Clients that connect and say nothing, or
+    drip their request, cannot pile up threads (an adversarial pass made 1,500 of them): at most
+    MAX_CLIENTS are served at once, one more is closed at once, and a request still under way
+    after REQUEST_SECONDS has its connection shut."""
 
     daemon_threads = True
+    request_queue_size = 64  # a burst of probes waits in the kernel's queue, not refused
+    MAX_CLIENTS = 16
+    REQUEST_SECONDS = 5.0
 
     def __init__(self, address: tuple[str, int], health: Health):
         host, port = address
         if host != "localhost" and ipaddress.ip_address(host).version == 6:
             self.address_family = socket.AF_INET6
         self.health = health
+        self._slots = threading.BoundedSemaphore(self.MAX_CLIENTS)
+        self._serving: dict[socket.socket, float] = {}  # connection -> when it was accepted
+        self._serving_lock = threading.Lock()
         super().__init__((host, port), _HealthHandler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            log.debug("health server: %s turned away, %d clients already served", client_address[0],
+                      self.MAX_CLIENTS)
+            self.shutdown_request(request)
+            return
+        with self._serving_lock:
+            self._serving[request] = time.monotonic()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._done(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._done(request)
+
+    def _done(self, request) -> None:
+        with self._serving_lock:
+            self._serving.pop(request, None)
+        self._slots.release()
+
+    def service_actions(self) -> None:
+        """Called by serve_forever between polls (every 0.5 s): connections past their time are
+        shut, which ends their handler's read."""
+        now = time.monotonic()
+        with self._serving_lock:
+            late = [request for request, accepted in self._serving.items()
+                    if now - accepted > self.REQUEST_SECONDS]
+        for request in late:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request, client_address) -> None:
+        """A client that went away mid-request: a debug line, not a traceback on stderr."""
+        log.debug("health server: a request from %s failed: %s", client_address[0],
+                  describe(sys.exc_info()[1]))
 
     @property
     def url(self) -> str:
@@ -2813,6 +2895,27 @@ class HealthServer(http.server.ThreadingHTTPServer):
 
     def start(self) -> None:
         threading.Thread(target=self.serve_forever, name="health", daemon=True).start()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A health signal answers itself: a redirect is an answer that is not 200."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+def _ask(url: str, answer: dict) -> None:
+    """GET `url` directly (never through a proxy, never redirected): answer["status"] and
+    answer["data"] (at most HEALTH_BODY_LIMIT bytes), or answer["error"]."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect)
+    try:
+        try:
+            with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as response:
+                answer["status"], answer["data"] = response.status, response.read(HEALTH_BODY_LIMIT)
+        except urllib.error.HTTPError as exc:
+            answer["status"], answer["data"] = exc.code, exc.read(HEALTH_BODY_LIMIT)
+    except Exception as exc:  # whatever the other end did: one line, never a traceback
+        answer["error"] = exc
 
 
 def healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
@@ -2840,21 +2943,27 @@ def healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
         print(f"{PROG} healthcheck: error: {exc}", file=sys.stderr)
         return 2
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}{HEALTH_PATH}"
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through a proxy
-    try:
-        with opener.open(url, timeout=HEALTHCHECK_TIMEOUT) as answer:
-            status, data = answer.status, answer.read()
-    except urllib.error.HTTPError as exc:
-        status, data = exc.code, exc.read()
-    except (urllib.error.URLError, OSError) as exc:
+    answer: dict = {}
+    # the whole exchange on a thread of its own, given HEALTHCHECK_TIMEOUT in all: a socket
+    # timeout bounds each read, not a server that drips its answer a line a second
+    asking = threading.Thread(target=_ask, args=(url, answer), name="healthcheck", daemon=True)
+    asking.start()
+    asking.join(HEALTHCHECK_TIMEOUT)
+    if asking.is_alive():
+        print(f"unhealthy: no answer from {url} within {HEALTHCHECK_TIMEOUT:.0f} s")
+        return 1
+    if "error" in answer:
+        exc = answer["error"]
         reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
         print(f"unhealthy: no answer from {url}: "
-              f"{describe(reason) if isinstance(reason, BaseException) else reason}")
+              f"{describe(reason) if isinstance(reason, BaseException) else printable(reason)}")
         return 1
+    status, data = answer["status"], answer["data"]
     try:
         body = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         body = {}
+    body = body if isinstance(body, dict) else {}
     if status == 200 and body.get("status") == "ok":
         print(f"healthy: Docker's events followed, etcd answered {body.get('etcd_answered_seconds_ago')} s "
               f"ago, last full reconcile {body.get('full_reconcile_seconds_ago')} s ago, "
@@ -2910,12 +3019,12 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
         log_event(logging.WARNING, warning, event="host_ip")
     if config.health_addr:
         try:
-            server = HealthServer(config.health_addr, Health(config, reconciler, registry))
+            server = HealthServer(config.health_addr, Health(config, reconciler, registry, engine))
         except OSError as exc:  # the port is taken, or the address is not this host's
             host, port = config.health_addr
-            print(f"{PROG}: error: REGISTER_HEALTH_ADDR={f'[{host}]' if ':' in host else host}:{port} "
-                  f"cannot be listened on ({describe(exc)}); expected a free port on an address of "
-                  "this host", file=sys.stderr)
+            print(f"{PROG}: error: the health address {f'[{host}]' if ':' in host else host}:{port} "
+                  f"(REGISTER_HEALTH_ADDR, --health-addr) cannot be listened on ({describe(exc)}); "
+                  "expected a free port on an address of this host", file=sys.stderr)
             return 2
         server.start()
         log_event(logging.INFO, f"health signal at {server.url}", event="health_server", url=server.url)

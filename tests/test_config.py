@@ -361,8 +361,8 @@ def test_a_health_port_in_use_is_refused_at_start():
         result = run_register({**GOOD, "REGISTER_HEALTH_ADDR": f"127.0.0.1:{port}"})
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
-        f"register.py: error: REGISTER_HEALTH_ADDR=127.0.0.1:{port} cannot be listened on (address already "
-        "in use); expected a free port on an address of this host")
+        f"register.py: error: the health address 127.0.0.1:{port} (REGISTER_HEALTH_ADDR, --health-addr) "
+        "cannot be listened on (address already in use); expected a free port on an address of this host")
     assert "Traceback" not in result.stderr
 
 
