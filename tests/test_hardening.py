@@ -97,6 +97,13 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
         return real
 
     registry._connection = spying_connection
+    refresh_request = registry._refresh_request  # the heartbeat's own PUT (with its own timeout)
+
+    def spying_refresh(real, key):
+        sent.append(key)
+        return refresh_request(real, key)
+
+    registry._refresh_request = spying_refresh
     record = "/scope/10.99.0.1/img:latest/" + "b" * 64
     assert registry.prepare() is True
     assert registry.refresh() is None
