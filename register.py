@@ -2031,22 +2031,24 @@ class DockerEngine:
         self._stream = None
         self.address = address  # validated by the configuration: no credentials, a usable scheme
         self._pending: dict[int, float] = {}  # requests under way -> when each was sent (/healthz)
+        # a lock of its own: _lock is held while the client is made, which asks Docker its version
+        self._pending_lock = threading.Lock()
         self._requests = itertools.count()
 
     @contextlib.contextmanager
     def _request(self):
         token = next(self._requests)
-        with self._lock:
+        with self._pending_lock:
             self._pending[token] = time.monotonic()
         try:
             yield
         finally:
-            with self._lock:
+            with self._pending_lock:
                 del self._pending[token]
 
     def waiting_since(self) -> float | None:
         """When the oldest request still under way was sent (a Docker that hangs), or None."""
-        with self._lock:
+        with self._pending_lock:
             return min(self._pending.values(), default=None)
 
     def _client(self) -> docker.APIClient:
