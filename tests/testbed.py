@@ -323,10 +323,29 @@ class DockerEngine:
         repository = reference.rsplit(":", 1)[0]
         return next(d for d in digests if d.startswith(repository + "@"))
 
-    def remove_all_containers(self) -> None:
-        ids = self.out("ps", "-aq").split()
-        if ids:
-            self.docker("rm", "-f", *ids, timeout=300)
+    def remove_all_containers(self, patience: float = 60) -> None:
+        """Between tests. Debian's dockerd 20.10 has been seen to freeze for good while it removed
+        a dozen containers at once (no log line after the shims' cleanup, every request hanging):
+        one that does not answer within a minute is killed and started again, so that one freeze
+        costs a test, not the rest of the run."""
+        for attempt in (1, 2):
+            try:
+                ids = self.docker("ps", "-aq", timeout=patience).stdout.decode().split()
+                if ids:
+                    self.docker("rm", "-f", *ids, timeout=2 * patience)
+                return
+            except subprocess.TimeoutExpired as exc:
+                if attempt == 2:
+                    raise
+                print(f"dockerd at {self.host} stopped answering ({' '.join(map(str, exc.cmd[1:3]))} "
+                      "timed out): restarting it", file=sys.stderr)
+                self.restart_daemon()
+
+    def restart_daemon(self) -> None:
+        """kill -9 and start again, as an operator does with a dockerd that hangs; the containers
+        it ran are found exited, or running under their shims, by the new one."""
+        self.stop_daemon(signal.SIGKILL)
+        self.start_daemon()
 
     def stop_daemon(self, sig: int = signal.SIGTERM) -> None:
         end(self.process, sig, grace=30)
