@@ -2773,19 +2773,11 @@ class Health:
         waiting = self.engine.waiting_since() if self.engine is not None else None
         if waiting is not None and now - waiting > self.DOCKER_WAIT:
             reasons.append(f"a request to Docker has been waiting {now - waiting:.1f} s")
-        answered = self.registry.answered_at
-        etcd_age = None if answered is None else round(now - answered, 1)
-        if etcd_age is None:
-            reasons.append("etcd has not answered yet")
-        elif etcd_age > self.etcd_limit:
-            reasons.append(f"etcd last answered {etcd_age} s ago (limit {self.etcd_limit} s)")
-        reconciled = self.reconciler.reconciled_at
-        reconcile_age = None if reconciled is None else round(now - reconciled, 1)
-        if reconcile_age is None:
-            reasons.append("no full reconcile has succeeded yet")
-        elif reconcile_age > self.reconcile_limit:
-            reasons.append(f"the last full reconcile succeeded {reconcile_age} s ago "
-                           f"(limit {self.reconcile_limit} s)")
+        etcd_age = self._age(now, self.registry.answered_at, self.etcd_limit, reasons,
+                             "etcd has not answered yet", "etcd last answered")
+        reconcile_age = self._age(now, self.reconciler.reconciled_at, self.reconcile_limit, reasons,
+                                  "no full reconcile has succeeded yet",
+                                  "the last full reconcile succeeded")
         body = {"status": "unhealthy" if reasons else "ok"}
         if reasons:
             body["reasons"] = reasons
@@ -2796,6 +2788,17 @@ class Health:
                      "etcd_answered_seconds_ago": etcd_age, "full_reconcile_seconds_ago": reconcile_age,
                      "records": len(self.reconciler.known)})
         return not reasons, body
+
+    @staticmethod
+    def _age(now: float, at: float | None, limit: int, reasons: list[str], never: str,
+             last: str) -> float | None:
+        """Seconds since `at` (None: never), with a reason added when it is never or over `limit`."""
+        age = None if at is None else round(now - at, 1)
+        if age is None:
+            reasons.append(never)
+        elif age > limit:
+            reasons.append(f"{last} {age} s ago (limit {limit} s)")
+        return age
 
 
 class _HealthHandler(http.server.BaseHTTPRequestHandler):
