@@ -1117,11 +1117,6 @@ class Registry:
         self.scope = HostScope(config.prefix, config.host_ip, flat=self.API == 3)
         self.host_dir = self.scope.host_dir  # v2: the host directory; v3: the host key
         self.ttl = config.ttl
-        # A heartbeat that cannot land within a third of the TTL is retried rather than waited
-        # on: a v2 member that lost its leader holds a write for the whole election, and with
-        # the whole request timeout a short TTL ran out before the retry (three hosts, v2, TTL 6)
-        self.heartbeat_timeout = min(float(self.TIMEOUT), max(1.0, config.ttl / 3)) if config.ttl \
-            else float(self.TIMEOUT)
         self._current = 0
         self._lock = threading.Lock()
         self._api_checked = False
@@ -1282,6 +1277,12 @@ class EtcdV2Registry(Registry):
         self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
         self._dirs: set[str] = set()  # the directories below the host directory, as last read
         self._pool = pool  # shared with the reconciler's inspects: the service's one I/O pool
+        # A refresh that cannot land within a third of the TTL is retried rather than waited on:
+        # a member that lost its leader holds a v2 write for the whole election, and with the
+        # whole request timeout a short TTL ran out before the retry (three hosts, TTL 6). (On v3
+        # a new leader renews every lease.)
+        self.heartbeat_timeout = min(float(self.TIMEOUT), max(1.0, config.ttl / 3)) if config.ttl \
+            else float(self.TIMEOUT)
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
         auth = (self.config.etcd_username, self._password()) if self.config.etcd_username else None
