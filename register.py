@@ -24,8 +24,10 @@ import json
 import logging
 import os
 import re
+import select
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -99,11 +101,11 @@ SETTINGS = (
             "the largest record value written; a container whose record would be larger (thousands "
             "of published ports) is not registered, with a warning"),
     Setting("REGISTER_TTL", "--ttl", "60",
-            "0 (no TTL) or a whole number of seconds from 3 up", "60",
+            "0 (no TTL) or a whole number of seconds from 3 to 86400 (one day)", "60",
             "seconds this host's keys outlive this service (v2: the host directory's TTL; v3: its "
             "lease); refreshed every TTL/3; 0 turns it off"),
     Setting("REGISTER_RESYNC", "--resync", "60",
-            "a whole number of seconds from 1 up", "60",
+            "a whole number of seconds from 1 to 86400 (one day)", "60",
             "seconds between full reconciles (the safety net that repairs any drift)"),
     Setting("ETCD_CA_FILE", "--etcd-ca-file", "",
             "a readable PEM file", "/etc/ssl/etcd/ca.pem",
@@ -138,6 +140,10 @@ SETTINGS = (
 SETTING = {s.env: s for s in SETTINGS}
 DEFAULT_ETCD_PORT = 2379
 MIN_TTL = 3
+# The longest TTL and resync interval taken: far inside etcd's largest lease TTL (9,000,000,000 s)
+# and what a wait on the monotonic clock can take (threading.TIMEOUT_MAX), and an hour-long TTL
+# is already longer than anyone waits for a dead host's records to go.
+MAX_SECONDS = 86400
 MIN_RECORD_BYTES = 1024
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
               "error": logging.ERROR}
@@ -232,6 +238,10 @@ def _parse_endpoint(item: str) -> Endpoint:
         raise ValueError(f"has scheme {parts.scheme!r}, not http or https")
     if parts.netloc.count(":") > 1 and not parts.netloc.startswith("["):
         raise ValueError("has an IPv6 address without brackets, as in [fd00::1]:2379")
+    if "%" in parts.netloc:  # requests and urllib3 cannot connect through a zone: refused here
+        zone = parts.netloc[parts.netloc.index("%"):].split("]")[0]
+        raise ValueError(f"has an IPv6 address with a zone ({zone}), which cannot be used here (give a "
+                         "global or unique local address of the member)")
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ValueError("has more than a scheme, a host and a port")
     try:
@@ -265,6 +275,11 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
     """Parse ETCD_ENDPOINT; raises ValueError with what is wrong."""
     _refuse_credentials(text)
     items = [part.strip() for part in text.split(",")]
+    for item in items:
+        words = item.split()
+        if len(words) > 1 and all(":" in word and _looks_like_endpoint(word) for word in words):
+            raise ValueError("holds a list separated by spaces: endpoints are separated by commas, as "
+                             "in http://10.0.0.1:2379,http://10.0.0.2:2379")
     if len(items) > 1 and not all(items):
         raise ValueError("has an empty entry in its list")
     endpoints = []
@@ -276,6 +291,14 @@ def parse_endpoints(text: str) -> tuple[Endpoint, ...]:
     if len({e.protocol for e in endpoints}) > 1:
         raise ValueError("mixes http and https")
     return tuple(endpoints)
+
+
+def _looks_like_endpoint(word: str) -> bool:
+    try:
+        _parse_endpoint(word)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_host_ip(text: str) -> str:
@@ -374,6 +397,8 @@ def parse_seconds(text: str, minimum: int, allow_zero: bool) -> int:
         return 0
     if value < minimum:
         raise ValueError(f"is below {minimum}")
+    if value > MAX_SECONDS:
+        raise ValueError(f"is above {MAX_SECONDS}")
     return value
 
 
@@ -391,8 +416,16 @@ def parse_file(text: str) -> str:
     return text
 
 
+class SecretInValue(ValueError):
+    """A problem whose value must not be echoed (it may hold a password)."""
+
+
 def parse_username(text: str) -> str:
-    if re.search(r"[\s:\x00-\x1f\x7f]", text):
+    if ":" in text:  # etcdctl's name:password: what follows the colon is a password
+        raise SecretInValue("holds a colon: a name:password pair is not taken here (the password "
+                            "would show in logs and ps); expected the user name alone, with its "
+                            "password in ETCD_PASSWORD or ETCD_PASSWORD_FILE, e.g. ETCD_USERNAME=registrar")
+    if re.search(r"[\s\x00-\x1f\x7f]", text):
         raise ValueError("holds a space, a colon or a control character")
     return text
 
@@ -476,6 +509,12 @@ class _Parser(argparse.ArgumentParser):
         if re.search(r"--etcd-password(?!-file)", message):  # what follows it may be the password
             raise ConfigError("there is no --etcd-password flag (a password on the command line shows "
                               "in ps); expected ETCD_PASSWORD in the environment or --etcd-password-file")
+        match = re.match(r"unrecognized arguments: (.*)", message)
+        if match:  # what was given may be a password (--etcd-pass=..., or the word after it)
+            words = [word.split("=", 1)[0] + ("=***" if "=" in word else "") if word.startswith("-")
+                     else "***" for word in match.group(1).split(" ")]
+            raise ConfigError(f"unrecognized arguments: {' '.join(words)} (values hidden); see "
+                              f"{PROG} --help for the flags")
         raise ConfigError(mask_message(message))
 
 
@@ -525,6 +564,8 @@ def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
             raise ConfigError(f"{source} is empty; expected {s.expected}, e.g. {source}={s.example}")
         try:
             values[s.env] = PARSERS[s.env](text if s.env == "ETCD_PASSWORD" else text.strip())
+        except SecretInValue as exc:
+            raise ConfigError(f"{source} {exc}") from None
         except ValueError as exc:
             raise _problem(s, source, text, str(exc)) from None
     _check_tls(values)
@@ -584,6 +625,63 @@ def _check_tls(values: Mapping[str, object]) -> None:
         if values[name] and uses_http:
             raise ConfigError(f"{name} is set but ETCD_ENDPOINT uses http; expected https endpoints "
                               "with it, e.g. ETCD_ENDPOINT=https://127.0.0.1:2379")
+    _load_tls(values["ETCD_CA_FILE"], values["ETCD_CERT_FILE"], values["ETCD_KEY_FILE"])
+
+
+NOT_A_CERTIFICATE = "holds no PEM certificate (it is empty, or holds something else, such as a key)"
+
+
+def _pem_kinds(path: str) -> set[str]:
+    """What the PEM blocks of a file are ("CERTIFICATE", "PRIVATE KEY", ...), read as text; an
+    old-style encrypted key ("Proc-Type: 4,ENCRYPTED") counts as "ENCRYPTED"."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as file:
+            text = file.read(1024 * 1024)
+    except OSError:
+        return set()
+    kinds = set(re.findall(r"-----BEGIN ([A-Z0-9 ]+)-----", text))
+    return kinds | ({"ENCRYPTED"} if "Proc-Type: 4,ENCRYPTED" in text else set())
+
+
+def _load_tls(ca_file: str | None, cert_file: str | None, key_file: str | None) -> None:
+    """The TLS files are loaded once here, as the connections will load them: a file that cannot
+    work is named now, not retried for ever with OpenSSL's words."""
+    def problem(name: str, path: str, text: str) -> ConfigError:
+        return _problem(SETTING[name], name, path, text)
+
+    if ca_file:
+        try:
+            ssl.create_default_context(cafile=ca_file)
+        except (ssl.SSLError, ValueError, OSError):
+            raise problem("ETCD_CA_FILE", ca_file, NOT_A_CERTIFICATE) from None
+    if not cert_file or not key_file:
+        return
+    cert_kinds, key_kinds = _pem_kinds(cert_file), _pem_kinds(key_file)
+    if any("PRIVATE KEY" in kind for kind in cert_kinds) and "CERTIFICATE" in key_kinds:
+        raise ConfigError(f"ETCD_CERT_FILE={cert_file!r} holds a private key and ETCD_KEY_FILE={key_file!r} "
+                          "a certificate: they are swapped; expected ETCD_CERT_FILE to name the client "
+                          "certificate and ETCD_KEY_FILE its key")
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=cert_file)
+    except (ssl.SSLError, ValueError, OSError):
+        raise problem("ETCD_CERT_FILE", cert_file, NOT_A_CERTIFICATE) from None
+    if any("ENCRYPTED" in kind for kind in key_kinds):
+        raise problem("ETCD_KEY_FILE", key_file, "holds an encrypted private key, which needs a "
+                      "passphrase that nothing here could give")
+    if not any("PRIVATE KEY" in kind for kind in key_kinds):
+        raise problem("ETCD_KEY_FILE", key_file, "holds no PEM private key")
+
+    def no_passphrase() -> str:
+        raise ValueError("a passphrase was asked for")
+
+    try:
+        ssl.create_default_context().load_cert_chain(cert_file, key_file, password=no_passphrase)
+    except (ssl.SSLError, ValueError, OSError) as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc).lower():
+            raise ConfigError(f"ETCD_KEY_FILE={key_file!r} is not the private key of ETCD_CERT_FILE="
+                              f"{cert_file!r}; expected the key the certificate was issued for") from None
+        raise problem("ETCD_KEY_FILE", key_file, f"cannot be loaded with ETCD_CERT_FILE ({describe(exc)})"
+                      ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -977,6 +1075,10 @@ class Timer:
     def expire(self) -> None:
         self._due = time.monotonic()
 
+    @property
+    def due_at(self) -> float:
+        return self._due
+
     def remaining(self) -> float:
         return max(0.0, self._due - time.monotonic())
 
@@ -1019,6 +1121,25 @@ class LeaseGone(RegistryUnavailable):
 
 class TooManyOps(RegistryBlocked):
     """etcd's --max-txn-ops is below the transaction's size."""
+
+
+class AddressConflict(RegistryBlocked):
+    """Another live Docker engine's registrar holds this HOST_IP: nothing is adopted, written or
+    deleted until one of them is given another address, or the other one goes."""
+
+    event = "address_conflict"
+
+    def __init__(self, message: str, address: str, engine: str, other: str):
+        super().__init__(message)
+        self.fields = {"address": address, "engine": engine, "other": other}
+
+
+class HeartbeatFailed(RegistryUnavailable):
+    """One heartbeat attempt got no answer from `endpoint`; the next goes to `next`."""
+
+    def __init__(self, message: str, endpoint: str, next_endpoint: str, cause: str):
+        super().__init__(message)
+        self.endpoint, self.next, self.cause = endpoint, next_endpoint, cause
 
 
 class ApiMismatch(Exception):
@@ -1124,6 +1245,16 @@ class Registry:
         self.answered_at: float | None = None  # monotonic time of etcd's last good answer (/healthz)
         self._client = None  # the current endpoint's client (_connection)
         self._ready = False  # the liveness was found in place since the last failure
+        self.engine_id: str | None = None  # the Docker engine this registrar speaks for
+        self.version: str | None = None  # etcd's version at the endpoint the API check chose
+        self.granted_new = False  # the last prepare made the liveness anew: its whole TTL ahead
+        self._lost: str | None = None  # why the liveness was found lost: said when it is made anew
+        # The heartbeat's own endpoint and client: it fails over on its own, within its interval,
+        # without waiting for the reconciler's requests (heartbeat thread only)
+        self._beat_index = 0
+        self._beat_client = None
+        self._side: requests.Session | None = None  # for a diagnosis after a failure
+        self._started: str | None = None  # when this registrar took the address (owner record)
 
     # -- the client of the current endpoint ----------------------------------------------------
 
@@ -1194,8 +1325,10 @@ class Registry:
             for index, endpoint in enumerate(self.endpoints):
                 verdict, detail = self._probe(session, endpoint)
                 if verdict == "serves":
+                    self._accept(endpoint, detail)
                     self._answered()
-                    self._current = index
+                    self._current = self._beat_index = index
+                    self.version = detail
                     self._api_checked = True
                     for url, cause in down:
                         log_event(logging.WARNING, f"etcd at {url} failed: {cause}; using {endpoint.url}",
@@ -1237,12 +1370,67 @@ class Registry:
     def _mismatch(self, lacking: list[tuple[str, str]]) -> str:
         raise NotImplementedError
 
+    def _accept(self, endpoint: Endpoint, version: str) -> None:
+        """Raises ApiMismatch when this etcd serves the API but cannot serve this configuration."""
+
+    def check_api(self) -> None:
+        """The API check alone (the first prepare does it too): before Docker is asked anything,
+        so that a configuration that can never work exits at once."""
+        if not self._api_checked:
+            self._check_api()
+
+    def _leaderless(self, url: str) -> str:
+        """Said after a request to `url` timed out: a member that lost its leader holds every write
+        and quorum read until an election ends, and answers only its status."""
+        try:
+            if self._side is None:
+                self._side = self._session()
+            answer = self._side.post(f"{url}/v3/maintenance/status", json={}, timeout=1)
+            if answer.status_code == 200 and str(answer.json().get("leader") or "0") == "0":
+                return " (the member has no leader: its cluster has lost its quorum or is electing one)"
+        except Exception:  # a diagnosis only: whatever it meets, the failure is said as it was
+            pass
+        return ""
+
+    # -- the heartbeat's own endpoint ---------------------------------------------------------
+
+    @property
+    def beat_endpoint(self) -> Endpoint:
+        return self.endpoints[self._beat_index % len(self.endpoints)]
+
+    def _beat_failed(self, cause: str) -> HeartbeatFailed:
+        """The heartbeat moves to the next endpoint at once."""
+        failed = self.beat_endpoint.url
+        self._beat_index += 1
+        self._beat_client = None
+        return HeartbeatFailed(f"etcd at {failed} failed: {cause}", failed, self.beat_endpoint.url, cause)
+
+    def liveness(self) -> str:
+        """What keeps this host's keys alive, named for a log line."""
+        return f"{self.LIVENESS} {self.host_dir}"
+
+    def _owner_value(self) -> dict:
+        """What this registrar writes where the owner of the address is recorded."""
+        return {"registrar": VERSION, "started": self._started, "engine": self.engine_id}
+
+    def _conflict(self, other: str, where: str) -> AddressConflict:
+        ip = self.config.host_ip
+        return AddressConflict(
+            f"HOST_IP {ip} is claimed by two Docker engines: this one ({self.engine_id}) and {other}, "
+            f"whose registrar holds {where}; registering nothing and touching none of its keys until "
+            "one of the hosts is given another HOST_IP or the other registrar stops and its "
+            f"{self.LIVENESS} expires (see the README, \"Two engines, one HOST_IP\")",
+            ip, self.engine_id or "", other)
+
     # -- the seam: each adapter has these ----------------------------------------------------
 
     def _prepare(self) -> bool:
         raise NotImplementedError
 
-    def heartbeat(self) -> str | None:
+    def heartbeat(self, timeout: float) -> str | None:
+        """One request, on the heartbeat's own endpoint, that waits at most `timeout` seconds:
+        None when the liveness lives (or there is none yet), a sentence when it was found lost
+        (the next prepare makes it anew), HeartbeatFailed when the endpoint did not answer."""
         raise NotImplementedError
 
     def read(self) -> Records:
@@ -1252,7 +1440,8 @@ class Registry:
               keep: set | None = None) -> None:
         raise NotImplementedError
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
+        """True when this host's keys were deleted; False when they were not this registrar's."""
         raise NotImplementedError
 
 
@@ -1277,12 +1466,20 @@ class EtcdV2Registry(Registry):
         self._cert = (config.etcd_cert_file, config.etcd_key_file) if config.etcd_cert_file else None
         self._dirs: set[str] = set()  # the directories below the host directory, as last read
         self._pool = pool  # shared with the reconciler's inspects: the service's one I/O pool
-        # A refresh that cannot land within a third of the TTL is retried rather than waited on:
-        # a member that lost its leader holds a v2 write for the whole election, and with the
-        # whole request timeout a short TTL ran out before the retry (three hosts, TTL 6). (On v3
-        # a new leader renews every lease.)
-        self.heartbeat_timeout = min(float(self.TIMEOUT), max(1.0, config.ttl / 3)) if config.ttl \
-            else float(self.TIMEOUT)
+        # Who holds the address: a hidden key (v2 listings and recursive reads do not show keys
+        # that start with `_`, so consumers never see it), inside the directory, so it expires
+        # with it. No image key can take its name: those always start with a letter or digit.
+        self.owner_key = f"{self.host_dir}/_registrar"
+        self._claimed = False  # the owner key holds this registrar's record, as last seen
+        self._prepared_once = False  # the directory was found or made: there is one to refresh
+
+    def _accept(self, endpoint: Endpoint, version: str) -> None:
+        if self.ttl and re.match(r"3\.([5-9]|[1-9][0-9])\.", version):  # said before any write
+            raise ApiMismatch(
+                f"etcd at {endpoint.url} (etcd {version}) cannot change a directory's TTL through its v2 "
+                "API (etcd 3.5 answers \"Raft Internal Error: Not a file\", etcd-io/etcd#13589), so "
+                f"{self.host_dir} could not be kept alive; set ETCD_API=3 (--etcd-api 3), or "
+                "REGISTER_TTL=0 to register without a TTL")
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
         auth = (self.config.etcd_username, self._password()) if self.config.etcd_username else None
@@ -1304,7 +1501,8 @@ class EtcdV2Registry(Registry):
         client.http.connection_pool_kw["retries"] = urllib3.Retry(0)
         return client
 
-    def _call(self, operation: Callable[[etcd.Client], object], key: str, record: bool = False):
+    def _call(self, operation: Callable[[etcd.Client], object], key: str, record: bool = False,
+              write: bool = False):
         """One request about `key`. etcd's refusals (HTTP 4xx) of a record write concern that
         record alone (RecordRefused); of anything else, every write here (RegistryBlocked)."""
         client = self._connection()
@@ -1324,6 +1522,14 @@ class EtcdV2Registry(Registry):
                     "(etcd 3.5 answers \"Raft Internal Error: Not a file\", etcd-io/etcd#13589), so "
                     f"{self.host_dir} cannot be kept alive; set ETCD_API=3 (--etcd-api 3), or "
                     "REGISTER_TTL=0 to register without a TTL") from exc
+            if status == 401 and write and self.config.etcd_username and self._may_read(client):
+                # v2 says 401 to a wrong password and to a role without write access alike: the
+                # same credentials read the host directory, so they are right and the role is not
+                raise RegistryBlocked(
+                    f"etcd at {client.base_uri} refused to let user {self.config.etcd_username!r} write "
+                    f"{printable(key)} ({describe(exc)}, HTTP 401) although it may read {self.host_dir}: "
+                    f"its role needs write access to {self.scope.prefix}/ (ETCDCTL_API=2 etcdctl role "
+                    f"grant ROLE -path '{self.scope.prefix}/*' -readwrite)") from exc
             if status == 401:  # v2 authentication: no user, or a wrong one
                 user = self.config.etcd_username
                 source = "ETCD_PASSWORD_FILE" if self.config.etcd_password_file else "ETCD_PASSWORD"
@@ -1333,18 +1539,36 @@ class EtcdV2Registry(Registry):
                     f"({describe(exc)}); set ETCD_USERNAME and ETCD_PASSWORD or ETCD_PASSWORD_FILE") from exc
             if isinstance(status, int) and 400 <= status < 500 and status not in (408, 429):
                 reason = f"{describe(exc)} (HTTP {status})"
-                if record:  # "Invalid POST form : http: POST too large": another record may pass
+                # "Invalid POST form : http: POST too large": another record may pass; a missing
+                # permission (error code 110) refuses every record alike
+                if record and payload.get("errorCode") != 110:
                     raise RecordRefused(f"etcd refused it: {reason}") from exc
                 raise RegistryBlocked(
                     f"etcd refused a request for {printable(key)}: {reason}; an operator should check "
                     f"what etcd lets this client do under {self.scope.prefix}/ (permissions, "
                     "limits)") from exc
             self._failed(client)
-            raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {describe(exc)}") from exc
+            cause = self._cause(client, exc)
+            raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {cause}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             self._failed(client)
-            raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {describe(exc)}") from exc
+            cause = self._cause(client, exc)
+            raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {cause}") from exc
 
+    def _cause(self, client: etcd.Client, exc: BaseException) -> str:
+        """Why a request failed; after a timeout, whether the member has a leader."""
+        cause = describe(exc)
+        return cause + self._leaderless(client.base_uri) if "timed out" in cause else cause
+
+    def _may_read(self, client: etcd.Client) -> bool:
+        """These credentials may read the host directory (it need not exist)."""
+        try:
+            client.read(self.host_dir)
+        except etcd.EtcdKeyNotFound:
+            return True
+        except Exception:  # a diagnosis only
+            return False
+        return True
 
     def _write(self, key: str, operation: Callable[[etcd.Client, str], object], host_dir: bool = False,
                final: bool = False, found: bool = False, record: bool = False):
@@ -1354,7 +1578,7 @@ class EtcdV2Registry(Registry):
         checked = self.scope.check(key, host_dir=host_dir, found=found)
         if self.closed and not final:
             raise RegistryUnavailable("the service is stopping")
-        return self._call(lambda c: operation(c, checked), key, record=record)
+        return self._call(lambda c: operation(c, checked), key, record=record, write=True)
 
     # -- the host directory ----------------------------------------------------------------
 
@@ -1367,9 +1591,74 @@ class EtcdV2Registry(Registry):
         """
         if self._ready:
             return False
+        self._check_owner(self._owner_node())  # before anything is written
         repaired = self._ensure_ttl_dir() if self.ttl else self._ensure_no_ttl()
-        self._ready = True
+        if self.ttl:
+            self._claim()
+        with self._lock:
+            lost, self._lost = self._lost, None
+            self._ready = True
+        if lost and repaired:
+            log_event(logging.WARNING, f"host directory {self.host_dir} {lost}; re-registering everything",
+                      event="host_dir_lost")
+        self.granted_new, self._prepared_once = repaired, True
         return repaired
+
+    # -- who holds the address ------------------------------------------------------------
+
+    def _owner_node(self):
+        """The owner key's node, None when there is none (nor a directory)."""
+        try:
+            return self._call(lambda c: c.read(self.owner_key), self.owner_key)
+        except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
+            return None
+
+    def _owner_record(self, node) -> dict | None:
+        try:
+            value = json.loads(node.value)
+            if isinstance(value["registrar"], str) and isinstance(value.get("engine"), str):
+                return value
+        except (TypeError, KeyError, ValueError, AttributeError):
+            pass
+        return None
+
+    def _check_owner(self, node) -> None:
+        """Raises AddressConflict when the owner key names another engine: it lives as long as
+        the directory around it, which that engine's registrar keeps alive."""
+        record = self._owner_record(node) if node is not None and not node.dir else None
+        other = record["engine"] if record else None
+        if other and other != self.engine_id:
+            self._claimed = False
+            raise self._conflict(other, self.owner_key)
+        if record is not None:
+            self._started = self._started or record.get("started")
+
+    def _claim(self) -> None:
+        """The owner key holds this registrar's record, written only where there was none (or no
+        registrar's): of two registrars that claim one address at once, one wins."""
+        for _ in range(3):
+            node = self._owner_node()
+            self._check_owner(node)
+            if node is not None and not node.dir and self._owner_record(node) is not None:
+                self._claimed = True  # this engine's (a restarted registrar)
+                return
+            self._started = self._started or _now()
+            value = json.dumps(self._owner_value(), separators=(",", ":"))
+            try:
+                if node is None:
+                    self._write(self.owner_key, lambda c, k, v=value: c.write(k, v, prevExist=False),
+                                found=True)
+                elif node.dir:  # a directory in its place: below this host's directory, its own
+                    self.delete_tree(self.owner_key)
+                    continue
+                else:  # something else in its place: replaced, if it is still there
+                    self._write(self.owner_key, lambda c, k, v=value, old=node.value: c.write(
+                        k, v, prevValue=old), found=True)
+            except (etcd.EtcdAlreadyExist, etcd.EtcdCompareFailed, etcd.EtcdKeyNotFound):
+                continue
+            self._claimed = True
+            return
+        raise RegistryUnavailable(f"etcd: {self.owner_key} kept changing under this registrar")
 
     def _ensure_ttl_dir(self) -> bool:
         for _ in range(3):  # the directory may expire, or an operator act, between two requests
@@ -1446,37 +1735,53 @@ class EtcdV2Registry(Registry):
             f"{self.host_dir}/; it is not this registrar's to delete: an operator should remove it "
             f"(etcdctl rm {ancestor}) or choose another REGISTER_PREFIX")
 
-    def heartbeat(self) -> str | None:
-        lost = self.refresh()
-        return f"host directory {self.host_dir} {lost}" if lost else None
+    def heartbeat(self, timeout: float) -> str | None:
+        """Extend the host directory's TTL with one write that wakes no watcher, through the
+        heartbeat's own client.
 
-    def refresh(self) -> str | None:
-        """Extend the host directory's TTL with one write that wakes no watcher.
-
-        Returns None when it was there, or what had happened to it: gone (expired or wiped), its
-        TTL lost (re-created by a child write), or replaced by a plain value (which etcd refreshes
-        like a directory, and which is removed here). Then the caller must re-register everything.
-        """
+        None when it was there; what had happened to it when it was not: gone (expired or wiped),
+        its TTL lost (re-created by a child write), or replaced by a plain value (which etcd
+        refreshes like a directory). The next prepare makes it anew and says so."""
+        if not self.ttl or not self._prepared_once:
+            return None
+        key = self.scope.check(self.host_dir, host_dir=True)
+        if self._beat_client is None:
+            self._beat_client = self._make_client(self.beat_endpoint)
         try:
-            result = self._write(self.host_dir, self._refresh_request, host_dir=True)
+            result = self._refresh_request(self._beat_client, key, timeout)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
-            self._ready = False
-            return "had expired or lost its TTL"
+            self._answered()
+            return self._found_lost()
+        except etcd.EtcdException as exc:
+            payload = exc.payload if isinstance(exc.payload, dict) else {}
+            if payload.get("errorCode") == 300 and "Not a file" in str(payload.get("cause")):
+                raise ApiMismatch(f"etcd at {self._beat_client.base_uri} cannot change a directory's TTL "
+                                  "through its v2 API (etcd-io/etcd#13589); set ETCD_API=3 (--etcd-api "
+                                  "3), or REGISTER_TTL=0 to register without a TTL") from exc
+            raise self._beat_failed(describe(exc)) from exc
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise self._beat_failed(describe(exc)) from exc
+        self._answered()
         previous = getattr(result, "_prev_node", None)
         if previous is not None and not previous.dir:
-            self._replace_plain_host_value(say=False)  # the caller says it, with what follows
-            return "had been replaced by a plain value, now removed"
+            with self._lock:  # prepare replaces it, and says so
+                self._ready = False
+            return f"host directory {self.host_dir} had been replaced by a plain value"
         if previous is None or previous.ttl is None:
-            self._ready = False
-            return "had expired or lost its TTL"
+            return self._found_lost()
         return None
 
-    def _refresh_request(self, client: etcd.Client, key: str):
-        """Client.write's PUT of `dir=true&ttl=…&refresh=true&prevExist=true`, with the heartbeat's
-        own timeout (write takes none)."""
+    def _found_lost(self) -> str:
+        with self._lock:
+            self._ready, self._lost = False, "had expired or lost its TTL"
+        return f"host directory {self.host_dir} had expired or lost its TTL"
+
+    def _refresh_request(self, client: etcd.Client, key: str, timeout: float):
+        """Client.write's PUT of `dir=true&ttl=…&refresh=true&prevExist=true`, waiting at most
+        `timeout` seconds in all (write takes no timeout)."""
         params = {"dir": "true", "ttl": self.ttl, "refresh": "true", "prevExist": "true"}
         response = client.api_execute(client.key_endpoint + key, client._MPUT, params=params,
-                                      timeout=self.heartbeat_timeout)
+                                      timeout=urllib3.Timeout(total=timeout))
         return client._result_from_response(response)
 
     # -- records ----------------------------------------------------------------------------
@@ -1485,12 +1790,16 @@ class EtcdV2Registry(Registry):
         try:
             top = self._call(lambda c: c.read(self.host_dir, recursive=True), self.host_dir)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
-            self._dirs = set()
+            self._dirs, self._claimed = set(), False
             return Records({})
         if not top.dir:  # a plain value in the directory's place: prepare() replaces it
-            self._ready = False
-            self._dirs = set()
+            with self._lock:
+                self._ready = False
+            self._dirs, self._claimed = set(), False
             return Records({})
+        owner = self._owner_node()  # hidden: the recursive read does not show it
+        self._check_owner(owner)
+        self._claimed = owner is not None and not owner.dir and self._owner_record(owner) is not None
         leaves, dirs = {}, set()
         for node in top.get_subtree():
             if node.key == self.host_dir:
@@ -1516,6 +1825,8 @@ class EtcdV2Registry(Registry):
                 return
             report(item[0], None)
 
+        if not self._claimed and (puts or (self.ttl and keep is not None)):
+            self._claim()  # the owner key goes before any record
         self._map(delete, deletes)
         if keep is None and deletes:  # an event's removal: its image directory goes if emptied
             for directory in {key.rsplit("/", 1)[0] for key in deletes} - {self.host_dir}:
@@ -1584,15 +1895,38 @@ class EtcdV2Registry(Registry):
                 raise
 
     def prune_host_dir(self) -> None:
-        """With REGISTER_TTL=0 an empty host directory goes; with a TTL it stays, as a heartbeat."""
-        if not self.ttl:
+        """With REGISTER_TTL=0 an empty host directory goes (its owner key first: the next record
+        claims the address again); with a TTL it stays, as a heartbeat."""
+        if self.ttl:
+            return
+        try:
+            node = self._call(lambda c: c.read(self.host_dir), self.host_dir)
+        except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir, etcd.EtcdNotFile):
+            node = None
+        if node is not None and node.dir and not any(child.key != self.host_dir for child in node.leaves):
+            with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile):
+                self._write(self.owner_key, lambda c, k: c.delete(k), found=True)
+            self._claimed = False
             self.prune(self.host_dir)
+        with self._lock:
             self._ready = False
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
+        """The host directory and all below it, when it is this registrar's: not when its owner key
+        names another engine, nor when this registrar never held the address."""
+        if not self._prepared_once and not self._claimed:
+            return False
+        owner = self._owner_node()
+        record = self._owner_record(owner) if owner is not None and not owner.dir else None
+        if record is not None and record["engine"] != self.engine_id:
+            log_event(logging.WARNING, f"not deleting {self.host_dir}/ on exit: {self.owner_key} names "
+                      f"another Docker engine ({printable(record['engine'], 100)}); it is left as it is",
+                      event="deregister_skipped")
+            return False
         with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotFile):
             self._write(self.host_dir, lambda c, k: c.delete(k, recursive=True, dir=True),
                         host_dir=True, final=True)
+        return True
 
 
 EtcdRegistry = EtcdV2Registry
@@ -1649,8 +1983,10 @@ class EtcdV3Registry(Registry):
         self._http = self._session()
         self._token: str | None = None  # for the current client: simple tokens are per member
         self._auth_off_said = False
-        self.lease: int | None = None
-        self._started: str | None = None  # when the lease was granted: the host key says it
+        self.lease: int | None = None  # guarded by _lock: the heartbeat thread reads and drops it
+        self._host_stored: str | None = None  # the host key's value as this registrar wrote it
+        self._foreign_said: frozenset = frozenset()  # keys of others last said to ride on the lease
+        self._beat_http = self._session()  # the heartbeat's own connections
         self.max_ops = self.MAX_TXN_OPS  # lowered when etcd's --max-txn-ops is lower
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
@@ -1703,7 +2039,9 @@ class EtcdV3Registry(Registry):
                 self._refusal(client, exc, code, message, about, record)
             except (requests.RequestException, OSError) as exc:
                 self._failed(client)
-                raise RegistryUnavailable(f"etcd at {client.base_url} failed: {describe(exc)}") from exc
+                cause = describe(exc) + (self._leaderless(client.base_url)
+                                         if isinstance(exc, requests.Timeout) else "")
+                raise RegistryUnavailable(f"etcd at {client.base_url} failed: {cause}") from exc
         raise AssertionError("unreachable")
 
     @staticmethod
@@ -1718,7 +2056,11 @@ class EtcdV3Registry(Registry):
     def _refusal(self, client, exc, code: int | None, message: str, about: str, record: bool):
         """Raises what an error answer means here."""
         if code == GRPC_NOT_FOUND and "lease not found" in message:
-            lost, self.lease, self._ready = self.lease, None, False
+            with self._lock:
+                lost, self.lease, self._ready = self.lease, None, False
+                if lost:
+                    self._lost = self._lost or f"lease {lost:x} of {self.host_dir} had expired or been " \
+                        "revoked (etcd no longer knew it when a write named it)"
             raise LeaseGone(f"etcd at {client.base_url}: {message}", lost) from exc
         if "too many operations in txn request" in message:
             raise TooManyOps(f"etcd refused a transaction: {message}; an operator should check etcd's "
@@ -1726,18 +2068,35 @@ class EtcdV3Registry(Registry):
         # a request over the gRPC limit (max-request-bytes + 512 KiB) is refused with code 8
         if code in GRPC_REFUSALS or (code == GRPC_RESOURCE_EXHAUSTED and "larger than max" in message):
             reason = f"{message} (gRPC code {code})"
-            if record:
+            # a permission refusal is no refusal of one record: every write of this user is refused
+            if record and code != GRPC_PERMISSION_DENIED:
                 raise RecordRefused(f"etcd refused it: {reason}") from exc
-            fix = (f"the role of etcd user {self.config.etcd_username!r} needs readwrite on "
-                   f"{self.scope.prefix}/ (etcdctl role grant-permission ROLE readwrite "
-                   f"{self.scope.prefix}/ --prefix)" if code == GRPC_PERMISSION_DENIED and
-                   self.config.etcd_username else
-                   f"an operator should check what etcd lets this client do under {self.scope.prefix}/ "
-                   "(permissions, limits)")
+            if code == GRPC_PERMISSION_DENIED and self.config.etcd_username:
+                roles = self._roles(client)
+                role = roles[0] if len(roles) == 1 else "ROLE"
+                named = f" ({', '.join(roles)})" if roles else ""
+                fix = (f"the role of etcd user {self.config.etcd_username!r}{named} needs readwrite on "
+                       f"{self.scope.prefix}/ (etcdctl role grant-permission {role} readwrite "
+                       f"{self.scope.prefix}/ --prefix)")
+            else:
+                fix = (f"an operator should check what etcd lets this client do under {self.scope.prefix}/ "
+                       "(permissions, limits)")
             raise RegistryBlocked(f"etcd refused a request for {printable(about)}: {reason}; {fix}") from exc
         self._failed(client)
         cause = describe(exc) if code is None else message  # no answer: the connection's words
+        if isinstance(exc, etcd3gw.exceptions.ConnectionTimeoutError):
+            cause += self._leaderless(client.base_url)
         raise RegistryUnavailable(f"etcd at {client.base_url} failed: {cause}") from exc
+
+    def _roles(self, client: etcd3gw.Etcd3Client) -> list[str]:
+        """The roles etcd gives this user (a user may read its own), for an error line; [] when
+        etcd does not say."""
+        try:
+            answer = client.post(client.get_url("/auth/user/get"), json={"name": self.config.etcd_username},
+                                 headers={"Authorization": self._token} if self._token else {})
+            return [printable(role, 64) for role in answer.get("roles") or []][:5]
+        except Exception:  # a diagnosis only
+            return []
 
     def _authenticate(self, client: etcd3gw.Etcd3Client) -> str | None:
         """A token for `client` (None when etcd has authentication turned off)."""
@@ -1782,18 +2141,39 @@ class EtcdV3Registry(Registry):
         return (f"etcd at {client.base_url} refused user {user!r}: {message}; check ETCD_USERNAME and "
                 f"{source}")
 
-    def _txn(self, ops: list[Op], record: bool = False, final: bool = False) -> None:
-        """One transaction; every key was checked by HostScope when its Op was made."""
+    def _txn(self, ops: list[Op], record: bool = False, final: bool = False,
+             compare: list[dict] | None = None) -> None:
+        """One transaction; every key was checked by HostScope when its Op was made.
+
+        Every put rides on this host's lease (with a TTL, a put with no lease would never expire:
+        when the lease was just found lost, LeaseGone instead), and the whole transaction is
+        guarded by the host key: it applies only while the host key holds exactly what this
+        registrar wrote there, so that a registrar whose address was taken over by another engine
+        writes and deletes nothing. `compare`: the host key's own put, guarded by what it held."""
+        with self._lock:
+            lease = self.lease
+        if self.ttl and not lease and any(op.value is not None for op in ops):
+            raise LeaseGone("the lease was found lost", None)
         body = []
         for op in ops:
             if op.value is None:
                 body.append({"request_delete_range": {"key": _b64(op.key)}})
             else:
                 put = {"key": _b64(op.key), "value": _b64(op.value)}
-                if self.lease:
-                    put["lease"] = str(self.lease)
+                if lease:
+                    put["lease"] = str(lease)
                 body.append({"request_put": put})
-        self._post("/kv/txn", {"success": body}, ops[0].key, record=record, final=final)
+        if compare is None:
+            if self._host_stored is None:
+                raise HostLost(f"host key {self.host_dir} is not this registrar's yet")
+            compare = [{"key": _b64(self.host_dir), "target": "VALUE", "result": "EQUAL",
+                        "value": _b64(self._host_stored)}]
+        answer = self._post("/kv/txn", {"compare": compare, "success": body}, ops[0].key, record=record,
+                            final=final)
+        if not answer.get("succeeded"):
+            with self._lock:
+                self._ready = False
+            raise HostLost(f"host key {self.host_dir} no longer holds this registrar's record")
 
     def _op(self, key: str, value: str | None, found: bool = False, host_key: bool = False) -> Op:
         self.scope.check(key, host_dir=host_key, found=found)
@@ -1807,117 +2187,199 @@ class EtcdV3Registry(Registry):
 
     # -- the lease and the host key ------------------------------------------------------------
 
+    def liveness(self) -> str:
+        with self._lock:
+            lease = self.lease
+        return f"lease {lease:x} of {self.host_dir}" if lease else f"the lease of {self.host_dir}"
+
     def _host_value(self) -> str:
-        return json.dumps({"registrar": VERSION, "started": self._started}, separators=(",", ":"))
+        return json.dumps(self._owner_value(), separators=(",", ":"))
 
     @staticmethod
-    def _host_record(kv: dict | None) -> tuple[str, str] | None:
-        """(registrar version, grant time) when the host key holds a registrar's record."""
+    def _host_record(kv: dict | None) -> dict | None:
+        """{"registrar", "started", "engine" (None before engines were recorded)} when the host
+        key holds a registrar's record."""
         try:
             value = json.loads(_unb64(kv["value"], "strict"))
-            if isinstance(value["registrar"], str) and isinstance(value["started"], str):
-                return value["registrar"], value["started"]
+            engine = value.get("engine")
+            if (isinstance(value["registrar"], str) and isinstance(value["started"], str)
+                    and isinstance(engine, (str, type(None)))):
+                return {"registrar": value["registrar"], "started": value["started"], "engine": engine}
         except (TypeError, KeyError, ValueError, AttributeError):
             pass
         return None
 
-    def _started_of(self, kv: dict | None) -> str | None:
-        """The grant time the host key holds, when it is this version's own record."""
-        record = self._host_record(kv)
-        return record[1] if record and record[0] == VERSION else None
+    def _is_own(self, kv: dict | None) -> bool:
+        """The host key holds exactly what this registrar writes there now."""
+        return kv is not None and _unb64(kv.get("value")) == self._host_value()
 
-    def _lease_ttl(self, lease: int) -> tuple[int, int, list[str]]:
+    def _lease_ttl(self, lease: int, final: bool = False) -> tuple[int, int, list[str]]:
         """(seconds left, TTL it was granted with, its keys); seconds left is -1 when it is gone."""
-        answer = self._post("/lease/timetolive", {"ID": str(lease), "keys": True}, f"lease {lease:x}")
+        answer = self._post("/lease/timetolive", {"ID": str(lease), "keys": True}, f"lease {lease:x}",
+                            final=final)
         return (int(answer.get("TTL", -1)), int(answer.get("grantedTTL", 0)),
                 [_unb64(key) for key in answer.get("keys") or []])
 
-    def _only_ours(self, keys: list[str]) -> bool:
-        """A lease is this host's to keep alive, adopt or revoke only when every key on it is."""
-        return all(key == self.host_dir or key.startswith(self.host_dir + "/") for key in keys)
+    def _ours(self, key: str) -> bool:
+        return key == self.host_dir or key.startswith(self.host_dir + "/")
+
+    def _say_foreign(self, lease: int, keys: list[str], then: str) -> list[str]:
+        """Keys of others that ride on this host's lease: never deleted here, never a reason to
+        drop the lease; said once for each new set of them."""
+        foreign = sorted(key for key in keys if not self._ours(key))
+        if foreign and frozenset(foreign) != self._foreign_said:
+            shown_keys = ", ".join(printable(key, 100) for key in foreign[:10])
+            more = f" and {len(foreign) - 10} more" if len(foreign) > 10 else ""
+            log_event(logging.WARNING, f"keys that are not this host's ride on lease {lease:x} of "
+                      f"{self.host_dir}: {shown_keys}{more}; they are kept as they are, never deleted "
+                      f"by this registrar, and live as long as the lease: {then}",
+                      event="foreign_keys_on_lease", lease=f"{lease:x}", keys=foreign[:100])
+        self._foreign_said = frozenset(foreign)
+        return foreign
+
+    def _check_owner(self, kv: dict | None) -> None:
+        """Raises AddressConflict when the host key says another live engine holds the address:
+        its registrar's record names another engine, on a lease that lives or on none (without a
+        TTL nothing tells whether it lives). A record that names no engine was written before
+        engines were recorded: it is adopted as this engine's."""
+        record = self._host_record(kv)
+        other = record["engine"] if record else None
+        if not other or other == self.engine_id:
+            return
+        on_lease = int(kv.get("lease", 0))
+        if on_lease and self._lease_ttl(on_lease)[0] <= 0:
+            return  # expired meanwhile: the address is free
+        with self._lock:  # this registrar lets its own lease, if any, expire with what is on it
+            self.lease, self._ready = None, False
+        self._host_stored = None
+        where = (f"{self.host_dir} on lease {on_lease:x}" if on_lease else
+                 f"{self.host_dir} without a lease (if that engine is gone for good: etcdctl del "
+                 f"{self.host_dir})")
+        raise self._conflict(other, where)
 
     def _prepare(self) -> bool:
         """The host key is in place, on a lease that lives (adopted when a restarted registrar
-        finds its own). True when anything had to be (re)made: then every record is written."""
+        finds its own). True when anything had to be (re)made: then a full reconcile follows."""
         if self._ready:
             return False
+        for _ in range(3):  # the host key may change between the read and the guarded put
+            try:
+                return self._prepare_once()
+            except _Raced:
+                continue
+        raise RegistryUnavailable(f"etcd: {self.host_dir} kept changing under this registrar")
+
+    def _prepare_once(self) -> bool:
         kv = self._get(self.host_dir)
+        self._check_owner(kv)
+        record = self._host_record(kv)
         on_lease = int(kv.get("lease", 0)) if kv else 0
-        started = self._started_of(kv)
         if not self.ttl:
-            self.lease = None
-            intact = kv is not None and not on_lease and started is not None
-            self._started = started or self._started or _now()
+            with self._lock:
+                self.lease = None
+            self._started = record["started"] if record else (self._started or _now())
+            intact = not on_lease and self._is_own(kv)
             if not intact:
-                self._put_host_key()
-            self._ready = True
+                self._put_host_key(kv)
+            self._host_stored = self._host_value()
+            self._ready, self.granted_new = True, False
             return not intact
-        own = self.lease  # granted or adopted by this process: kept whatever etcd made of its TTL
+        with self._lock:
+            own = self.lease  # granted or adopted by this process: kept whatever rides on it
         candidate = own or on_lease
         left, granted, keys = self._lease_ttl(candidate) if candidate else (-1, 0, [])
-        # another's lease is never adopted: the host key must hold a registrar's record, and every
-        # key on the lease must be this host's (revoking it on exit must take nothing else)
-        adoptable = left > 0 and self._only_ours(keys) and (
-            candidate == own or (granted == self.ttl and self._host_record(kv) is not None))
+        # another registrar's lease is never adopted: the host key must hold a registrar's record
+        # of this engine (or of none, from before engines were recorded) granted with this TTL
+        adoptable = left > 0 and (candidate == own or (granted == self.ttl and record is not None))
         if adoptable:
-            self.lease = candidate
-            intact = kv is not None and on_lease == candidate and started is not None
-            self._started = started if intact else (self._started or _now())
+            self._say_foreign(candidate, keys, "on exit this registrar deletes its own keys one by one "
+                              "and leaves the lease to expire")
+            with self._lock:
+                self.lease = candidate
+            if record is not None and on_lease == candidate:
+                self._started = record["started"]
+            self._started = self._started or _now()
+            intact = on_lease == candidate and self._is_own(kv)
             if not intact:
-                self._put_host_key()
+                self._put_host_key(kv)
+            self._host_stored = self._host_value()
             if own is None:
                 log_event(logging.INFO, f"adopted lease {candidate:x} of {self.host_dir} (granted "
                           f"{self._started}, {left} s left of {granted} s): records that are right "
                           "stay as they are", event="lease_adopted", lease=f"{candidate:x}")
-            self._ready = True
+            self._ready, self.granted_new = True, False
             return not intact
         if candidate and own is None and left > 0:
             why = (f"it was granted for {granted} s, not REGISTER_TTL={self.ttl}" if granted != self.ttl
-                   else "it is not this registrar's (the host key holds no registrar record, or the "
-                   "lease holds other keys)")
+                   else "the host key holds no registrar's record")
             log_event(logging.INFO, f"not adopting lease {candidate:x} of {self.host_dir}: {why}",
                       event="lease_replaced")
+        lost = self._lost or (f"lease {own:x} of {self.host_dir} had expired or been revoked (etcd said "
+                              "so when it answered again)" if own else None)
         answer = self._post("/lease/grant", {"TTL": self.ttl, "ID": 0}, self.host_dir)
-        self.lease, self._started = int(answer["ID"]), _now()
-        self._put_host_key()
+        new = int(answer["ID"])
+        with self._lock:
+            self.lease, self._lost = new, None
+        self._started = _now()
+        self._put_host_key(kv)
+        self._host_stored = self._host_value()
         given = int(answer.get("TTL", self.ttl))
         note = "" if given == self.ttl else (f"; etcd made it {given} s (its minimum lease TTL): a "
                                              "restart writes everything again")
-        log_event(logging.INFO if given == self.ttl else logging.WARNING,
-                  f"granted lease {self.lease:x} ({self.ttl} s) for {self.host_dir}{note}; every record "
-                  "is written on it", event="lease_granted", lease=f"{self.lease:x}")
-        self._ready = True
+        if lost:
+            log_event(logging.WARNING, f"{lost}; re-registering everything on new lease {new:x}{note}",
+                      event="host_dir_lost", lease=f"{new:x}")
+        else:
+            log_event(logging.INFO if given == self.ttl else logging.WARNING,
+                      f"granted lease {new:x} ({self.ttl} s) for {self.host_dir}{note}; every record "
+                      "is written on it", event="lease_granted", lease=f"{new:x}")
+        self._ready, self.granted_new = True, True
         return True
 
-    def _lease_lost(self, lease: int | None) -> HostLost:
-        """Said once, here: the reconciler registers everything again, on a new lease."""
-        log_event(logging.WARNING, f"lease {lease or 0:x} of {self.host_dir} had expired or been "
-                  "revoked; re-registering everything", event="host_dir_lost")
-        return HostLost(f"lease {lease or 0:x} was gone")
-
-    def heartbeat(self) -> str | None:
-        """One keepalive of the lease: every key on it lives another REGISTER_TTL seconds."""
-        lease = self.lease
+    def heartbeat(self, timeout: float) -> str | None:
+        """One keepalive of the lease: every key on it lives another REGISTER_TTL seconds. It
+        needs no authentication (etcd 3.4 and 3.5 renew a lease for any client), so it costs no
+        token and waits for no other request."""
+        with self._lock:
+            lease = self.lease
         if lease is None:
-            self._ready = False
             return None
+        endpoint = self.beat_endpoint
         try:
-            answer = self._post("/lease/keepalive", {"ID": str(lease)}, f"lease {lease:x}")
-        except LeaseGone:
-            answer = {}
-        if int((answer.get("result") or {}).get("TTL", 0)) <= 0:
-            self.lease, self._ready = None, False
-            return f"lease {lease:x} of {self.host_dir} had expired or been revoked"
-        return None
+            answer = self._beat_http.post(f"{endpoint.url}/v3/lease/keepalive", json={"ID": str(lease)},
+                                          timeout=(min(1.0, timeout), timeout))
+            body = answer.json() if answer.content else {}
+        except (requests.RequestException, OSError, ValueError) as exc:
+            raise self._beat_failed(describe(exc)) from exc
+        body = body if isinstance(body, dict) else {}
+        if answer.status_code == 200:
+            self._answered()
+            if int((body.get("result") or {}).get("TTL", 0)) > 0:
+                return None
+            why = "its keepalive was answered with TTL 0"
+        elif "lease not found" in str(body.get("message")):
+            self._answered()
+            why = "its keepalive was answered \"lease not found\""
+        else:
+            said = printable(body.get("message") or answer.text, 100)
+            raise self._beat_failed(f"HTTP {answer.status_code} {said}")
+        lost = f"lease {lease:x} of {self.host_dir} had expired or been revoked ({why})"
+        with self._lock:
+            if self.lease == lease:
+                self.lease, self._ready, self._lost = None, False, lost
+        return lost
 
     # -- records ---------------------------------------------------------------------------------
 
     def read(self) -> Records:
         """The records, and the host key in the same request: one an operator deleted, or that
-        is not on the lease, is put back here (the keepalive cannot tell)."""
+        is not on the lease, is put back here (the keepalive cannot tell); one that names another
+        live engine stops everything (AddressConflict)."""
         start = self.host_dir + "/"
         answer = self._post("/kv/range", {"key": _b64(self.host_dir),
                                           "range_end": _b64(_range_end(start))}, self.host_dir)
+        with self._lock:
+            lease = self.lease
         values, detached, host = {}, set(), None
         for kv in answer.get("kvs") or []:
             key = _unb64(kv.get("key"))
@@ -1925,21 +2387,41 @@ class EtcdV3Registry(Registry):
                 host = kv
             elif key.startswith(start):  # not <prefix>/10.0.0.1-x, which sorts in between
                 values[key] = _unb64(kv.get("value"), "replace")
-                if int(kv.get("lease", 0)) != (self.lease or 0):
+                if int(kv.get("lease", 0)) != (lease or 0):
                     detached.add(key)
-        if (host is None or int(host.get("lease", 0)) != (self.lease or 0)
-                or self._started_of(host) != self._started):
-            self._started = self._started or _now()
-            self._put_host_key()
+        self._check_owner(host)
+        if host is None or int(host.get("lease", 0)) != (lease or 0) or not self._is_own(host):
+            try:
+                self._put_host_key(host)
+            except _Raced:
+                with self._lock:
+                    self._ready = False
+                raise HostLost(f"host key {self.host_dir} changed under this registrar") from None
+            self._host_stored = self._host_value()
             log_event(logging.WARNING, f"host key {self.host_dir} was missing or not this registrar's; "
                       "written again", event="host_key_repaired", key=self.host_dir)
         return Records(values, frozenset(detached))
 
-    def _put_host_key(self) -> None:
+    def _put_host_key(self, found: dict | None) -> None:
+        """The host key, on the lease, only if it still holds what was `found` there (etcd's
+        mod_revision: 0 for a key that is not there); _Raced when it changed meanwhile."""
+        compare = [{"key": _b64(self.host_dir), "target": "MOD", "result": "EQUAL",
+                    "mod_revision": str(int(found.get("mod_revision", 0)) if found else 0)}]
         try:
-            self._txn([self._op(self.host_dir, self._host_value(), host_key=True)])
+            self._txn([self._op(self.host_dir, self._host_value(), host_key=True)], compare=compare)
         except LeaseGone as exc:
             raise self._lease_lost(exc.lease) from None
+        except HostLost:
+            raise _Raced() from None
+
+    def _lease_lost(self, lease: int | None) -> HostLost:
+        """The reconciler registers everything again, on a new lease; the next prepare says so."""
+        with self._lock:
+            self._ready = False
+            if lease and not self._lost:
+                self._lost = (f"lease {lease:x} of {self.host_dir} had expired or been revoked (etcd no "
+                              "longer knew it when a write named it)")
+        return HostLost(f"lease {lease or 0:x} was gone")
 
     def apply(self, deletes: list[str], puts: list[tuple[str, str]], report: Report,
               keep: set | None = None) -> None:
@@ -1990,19 +2472,38 @@ class EtcdV3Registry(Registry):
         if batch:
             yield batch
 
-    def clear(self) -> None:
-        """One request: revoking the lease takes every key on it; without a lease, one
-        transaction deletes the records and the host key."""
-        if self.lease:
-            lease, self.lease = self.lease, None
-            with contextlib.suppress(LeaseGone):  # gone already: so are the keys on it
-                self._post("/lease/revoke", {"ID": str(lease)}, f"lease {lease:x}", final=True)
-            return
+    def clear(self) -> bool:
+        """One transaction deletes the records and the host key, guarded by the host key (nothing
+        is deleted when the address is another engine's now); then the lease is revoked, unless
+        keys of others ride on it: those are left to expire with it, never taken along."""
+        if self._host_stored is None:
+            return False  # this registrar never held the address: nothing here is its own
         start = self.host_dir + "/"
         self.scope.check(self.host_dir, host_dir=True)
-        self._post("/kv/txn", {"success": [
+        guard = [{"key": _b64(self.host_dir), "target": "VALUE", "result": "EQUAL",
+                  "value": _b64(self._host_stored)}]
+        answer = self._post("/kv/txn", {"compare": guard, "success": [
             {"request_delete_range": {"key": _b64(start), "range_end": _b64(_range_end(start))}},
             {"request_delete_range": {"key": _b64(self.host_dir)}}]}, self.host_dir, final=True)
+        if not answer.get("succeeded"):
+            log_event(logging.WARNING, f"not deleting {start} on exit: its host key no longer holds this "
+                      "registrar's record (another registrar or an operator changed it); it is left as "
+                      "it is", event="deregister_skipped")
+            return False
+        with self._lock:
+            lease, self.lease = self.lease, None
+        if lease:
+            left, _, keys = self._lease_ttl(lease, final=True)
+            if left > 0 and not self._say_foreign(lease, keys, "this registrar's own keys are deleted; "
+                                                  "the lease is not revoked, and expires with them "
+                                                  f"within {self.ttl} s"):
+                with contextlib.suppress(LeaseGone):  # gone already: so are the keys on it
+                    self._post("/lease/revoke", {"ID": str(lease)}, f"lease {lease:x}", final=True)
+        return True
+
+
+class _Raced(Exception):
+    """The host key changed between its read and a guarded write: read it again."""
 
 
 def _now() -> str:
@@ -2035,6 +2536,7 @@ class DockerEngine:
         # a lock of its own: _lock is held while the client is made, which asks Docker its version
         self._pending_lock = threading.Lock()
         self._requests = itertools.count()
+        self._engine_id: str | None = None
 
     @contextlib.contextmanager
     def _request(self):
@@ -2064,6 +2566,21 @@ class DockerEngine:
 
     def _unavailable(self, exc: BaseException) -> EngineUnavailable:
         return EngineUnavailable(f"Docker at {self.address} failed: {describe(exc)}")
+
+    def engine_id(self) -> str:
+        """The engine's ID (`docker info`: ID), which the registry records as the owner of this
+        HOST_IP; asked once (it lives as long as the engine's data directory)."""
+        if self._engine_id is None:
+            try:
+                with self._request():
+                    info = self._client().info()
+            except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+                raise self._unavailable(exc) from exc
+            engine = info.get("ID") if isinstance(info, dict) else None
+            if not isinstance(engine, str) or not engine.strip():
+                raise EngineUnavailable(f"Docker at {self.address} named no engine ID (docker info: ID)")
+            self._engine_id = printable(engine.strip(), 200)
+        return self._engine_id
 
     def running(self) -> list[dict]:
         """The container list (running and paused ones): one request for all of them."""
@@ -2102,6 +2619,118 @@ class DockerEngine:
         if stream is not None:
             with contextlib.suppress(Exception):  # closing a half-broken socket: nothing to do
                 stream.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Liveness: the heartbeat, on its own schedule and thread
+# ---------------------------------------------------------------------------------------------
+
+MAX_WAIT = 3600.0  # seconds: no wait is longer (every wait can take it, whatever the settings)
+
+
+class Heartbeat:
+    """One keepalive (v3) or refresh (v2) every TTL/3, on a thread of its own.
+
+    Nothing the reconciler does holds it back: a registry that refuses every write, a backoff of
+    ten seconds, a hundred inspects. Each attempt waits at most what is left of its interval, and
+    no more than an even share of the interval per endpoint; an endpoint that did not answer
+    hands over to the next at once, so one silent member cannot hold a heartbeat past the TTL
+    while another answers. It runs only while Docker vouches for the records (`vouch`) and once
+    the reconciler made or adopted the liveness (`renewed`).
+    """
+
+    MIN_ATTEMPT = 0.5  # seconds: the shortest wait for an answer worth making
+
+    def __init__(self, registry: Registry, ttl: int, vouch: Callable[[], bool],
+                 lost: Callable[[str], None], fatal: Callable[[str], None], stop: threading.Event):
+        self.registry, self.ttl = registry, ttl
+        self.interval = ttl / 3
+        self._vouch, self._lost, self._fatal, self.stop = vouch, lost, fatal, stop
+        self._cond = threading.Condition()
+        self._timer = Timer(self.interval, due_now=False)
+        self._retries = RetrySchedule(first=0.25, cap=max(0.5, self.interval / 4))
+        self._live = False  # there is a liveness to keep (made or adopted by the reconciler)
+        self._window_end: float | None = None  # when the interval of the attempts under way ends
+        self.failures = 0  # attempts failed since the last one etcd answered
+        self.beat_at: float | None = None  # monotonic time the liveness was last extended
+
+    def renewed(self, adopted: bool) -> None:
+        """The reconciler made the liveness anew (its whole TTL ahead: the next heartbeat after
+        TTL/3) or adopted one from a run before (it may have little left: at once)."""
+        with self._cond:
+            self._live = True
+            if adopted:
+                self._timer.expire()
+            else:
+                self._timer.restart()
+                self.beat_at = time.monotonic()
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            wait = self.step()
+            with self._cond:
+                if not self.stop.is_set():
+                    self._cond.wait(MAX_WAIT if wait is None else min(wait, MAX_WAIT))
+
+    def step(self) -> float | None:
+        """One attempt, when one is due; seconds until the next call (None: until woken)."""
+        with self._cond:
+            if not self._live:
+                return None
+            if not self._timer.due():
+                return self._timer.remaining()
+            due_at = self._timer.due_at
+        if not self._vouch():
+            return None  # Docker is back: set_events_connected wakes this thread
+        now = time.monotonic()
+        if self._window_end is None:
+            self._window_end = max(due_at, now - self.interval) + self.interval
+        while self._window_end <= now:
+            self._window_end += self.interval
+        share = max(1.0, self.interval / len(self.registry.endpoints))
+        timeout = max(self.MIN_ATTEMPT, min(float(Registry.TIMEOUT), share, self._window_end - now))
+        try:
+            lost = self.registry.heartbeat(timeout)
+        except HeartbeatFailed as exc:
+            return self._failed(exc, slow=time.monotonic() - now >= 0.9 * timeout)
+        except ApiMismatch as exc:
+            self._fatal(str(exc))
+            return None
+        except Exception as exc:  # a bug: said whole, retried with backoff
+            log.exception("unexpected error in the heartbeat: %s", exc)
+            return self._retries.next_delay()
+        if self.failures:
+            log_event(logging.INFO, f"heartbeat of {self.registry.liveness()} answered by "
+                      f"{self.registry.beat_endpoint.url} after {self.failures} failed attempt(s)",
+                      event="heartbeat_recovered", failures=self.failures)
+        self.failures, self._window_end = 0, None
+        self._retries.reset()
+        with self._cond:
+            self._timer.restart()
+            if lost:
+                self._live = False  # until the reconciler makes it anew
+            else:
+                self.beat_at = time.monotonic()
+        if lost:
+            self._lost(lost)
+        return self.interval
+
+    def _failed(self, exc: HeartbeatFailed, slow: bool) -> float:
+        """The next endpoint at once after a timeout; after a quick refusal, a short backoff."""
+        self.failures += 1
+        delay = 0.0 if slow else self._retries.next_delay()
+        now = time.monotonic()
+        expires = "" if self.beat_at is None else (
+            f" (it expires in {max(0.0, self.beat_at + self.ttl - now):.1f} s unless a heartbeat lands)")
+        log_event(logging.WARNING, f"heartbeat of {self.registry.liveness()} failed at {exc.endpoint}: "
+                  f"{exc.cause}; retrying in {delay:.1f} s at {exc.next}{expires}", event="heartbeat_retry",
+                  endpoint=exc.endpoint, next=exc.next, cause=exc.cause, retry_in=round(delay, 3))
+        return delay
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2163,10 +2792,17 @@ class Reconciler:
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = pool or ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
         self._resync = Timer(config.resync, due_now=False)
-        self._refresh = Timer(config.ttl / 3, due_now=False) if config.ttl else None
+        # the liveness, on its own thread (main starts it): every TTL/3 whatever happens here
+        self.heartbeat = Heartbeat(registry, config.ttl, self._vouch_for_records, self._liveness_lost,
+                                   self._fail, stop) if config.ttl else None
         self._prepared = False  # the registry's liveness was found or made once
         self._failures = RetrySchedule()
+        # unexpected errors (bugs) back off on a schedule of their own, which a step that happens
+        # to succeed in between does not reset: a bug that recurs can never loop without a wait
+        self._bugs = RetrySchedule()
+        self._bug_at = 0.0
         self._down: str | None = None  # what failed last, until it works again
+        self.blocked: str | None = None  # what waits for an operator (RegistryBlocked), until it works
         self._error_said = 0.0  # when an error that waits for an operator was last logged
         self.full_reconciles = 0
         self.reconciled_at: float | None = None  # monotonic time of the last full reconcile done
@@ -2222,10 +2858,27 @@ class Reconciler:
             self._cond.notify()
         if warn:
             self._say_suspended()
+        if connected and self.heartbeat is not None:
+            self.heartbeat.wake()  # a heartbeat that waited for Docker is due at once
 
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+        if self.heartbeat is not None:
+            self.heartbeat.wake()
+
+    def _liveness_lost(self, lost: str) -> None:
+        """The heartbeat found the liveness gone: the next step makes it anew (the registry says
+        so then) and registers everything again."""
+        with self._cond:
+            self._full_reasons.setdefault(f"{self.registry.LIVENESS} had expired")
+            self._cond.notify_all()
+
+    def _fail(self, message: str) -> None:
+        """Something that never fixes itself (ApiMismatch): the service exits, code 2."""
+        self.fatal = message
+        self.stop.set()
+        self.wake()
 
     # -- read by the health server, without a lock: it must never wait for this thread ----------
 
@@ -2245,8 +2898,7 @@ class Reconciler:
             try:
                 self._step()
             except ApiMismatch as exc:  # never fixes itself: the service exits, code 2
-                self.fatal = str(exc)
-                self.stop.set()
+                self._fail(str(exc))
             except HostLost:
                 self._note_full(self._recreated())
             except Unavailable as exc:
@@ -2255,14 +2907,18 @@ class Reconciler:
                     # wiped or restored meanwhile: what it holds is read again before any write.
                     self._note_full("etcd failed: re-reading what it holds")
                 blocked = isinstance(exc, RegistryBlocked)  # an operator must act: an error
-                self._back_off(str(exc), logging.ERROR if blocked else logging.WARNING)
+                self.blocked = str(exc) if blocked else None
+                self._back_off(str(exc), logging.ERROR if blocked else logging.WARNING,
+                               event=getattr(exc, "event", "retry"), **getattr(exc, "fields", {}))
             except Exception as exc:  # a bug: log it whole, keep serving
                 log.exception("unexpected error in the reconciler: %s", exc)
-                self._back_off(f"unexpected error: {exc}")
+                self._bug_at = time.monotonic()
+                self._back_off(f"unexpected error: {exc}", schedule=self._bugs)
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _back_off(self, cause: str, level: int = logging.WARNING) -> None:
-        delay = self._failures.next_delay()
+    def _back_off(self, cause: str, level: int = logging.WARNING, event: str = "retry",
+                  schedule: RetrySchedule | None = None, **fields) -> None:
+        delay = (schedule or self._failures).next_delay()
         if level >= logging.ERROR:  # waits for an operator: said again once a minute, not per retry
             now = time.monotonic()
             if cause == self._down and now - self._error_said < 60:
@@ -2273,7 +2929,7 @@ class Reconciler:
             pending = len(self._dirty)
         log_event(level,
                   f"{cause}; {pending} container(s) pending; retrying in {delay:.1f} s",
-                  event="retry", cause=cause, retry_in=round(delay, 3), pending=pending)
+                  event=event, cause=cause, retry_in=round(delay, 3), pending=pending, **fields)
         self._down = cause
         self.stop.wait(delay)
 
@@ -2282,7 +2938,10 @@ class Reconciler:
             log_event(logging.INFO, f"recovered after {self._failures.failures} failed attempt(s); "
                       f"last cause: {self._down}", event="recovered")
             self._down = None
+        self.blocked = None
         self._failures.reset()
+        if time.monotonic() - self._bug_at > 60:
+            self._bugs.reset()
 
     def _recreated(self) -> str:
         if self.registry.API == 2:
@@ -2290,22 +2949,22 @@ class Reconciler:
         return f"lease of {self.registry.host_dir} was granted anew"
 
     def _step(self) -> None:
+        self.registry.check_api()  # a configuration that can never work exits before Docker is asked
+        if self.registry.engine_id is None:  # whose records these are: asked once Docker answers
+            with self._cond:
+                connected = self._events_connected
+            if not connected:
+                self._wait_for_work()
+                return
+            self.registry.engine_id = self.engine.engine_id()
         recreated = self.registry.prepare()
-        if not self._prepared:
-            self._prepared = True
-            if not recreated and self._refresh is not None:
-                # adopted from a run before: it may have less than TTL/3 left, so it is refreshed
-                # as soon as Docker vouches for the records (a new one has its whole TTL)
-                self._refresh.expire()
+        if self.heartbeat is not None and (recreated or not self._prepared):
+            # adopted from a run before, it may have less than TTL/3 left: refreshed as soon as
+            # Docker vouches for the records; a new one has its whole TTL
+            self.heartbeat.renewed(adopted=not self.registry.granted_new)
+        self._prepared = True
         if recreated:
             self._note_full(self._recreated())
-        if self._refresh is not None and self._refresh.due() and self._vouch_for_records():
-            lost = self.registry.heartbeat()
-            if lost:
-                log_event(logging.WARNING, f"{lost}; re-registering everything", event="host_dir_lost")
-                self.registry.prepare()
-                self._note_full(f"{self.registry.LIVENESS} had expired")
-            self._refresh.restart()
         full, dirty = self._take_work()
         if full is not None:
             self._full_reconcile(full, dirty)
@@ -2370,15 +3029,13 @@ class Reconciler:
             # full reconciles are no reason to run (set_events_connected wakes this thread)
             if self.stop.is_set() or (self._events_connected and (self._dirty or self._full_reasons)):
                 return
-            deadlines = []
+            deadlines = [MAX_WAIT]
             if self._events_connected:
                 deadlines.append(self._resync.remaining())
-            if self._refresh is not None and (self._events_connected or not self._refresh_suspended):
-                deadlines.append(self._refresh.remaining())  # see _vouch_for_records
             if self._events_connected and self._refused:
                 now = time.monotonic()
                 deadlines.append(max(0.0, min(r.due for r in self._refused.values()) - now))
-            self._cond.wait(min(deadlines) if deadlines else None)
+            self._cond.wait(min(deadlines))
 
     # -- desired state ---------------------------------------------------------------------
 
@@ -2771,6 +3428,9 @@ class Health:
         connected = self.reconciler.events_connected
         if not connected:
             reasons.append("Docker's event stream is not connected")
+        blocked = self.reconciler.blocked
+        if blocked:  # etcd answers, and refuses: nothing registers until an operator acts
+            reasons.append(f"blocked until an operator acts: {blocked}")
         waiting = self.engine.waiting_since() if self.engine is not None else None
         if waiting is not None and now - waiting > self.DOCKER_WAIT:
             reasons.append(f"a request to Docker has been waiting {now - waiting:.1f} s")
@@ -2857,7 +3517,7 @@ class HealthServer(http.server.ThreadingHTTPServer):
         if not self._slots.acquire(blocking=False):
             log.debug("health server: %s turned away, %d clients already served", client_address[0],
                       self.MAX_CLIENTS)
-            self.shutdown_request(request)
+            self._busy(request)
             return
         with self._serving_lock:
             self._serving[request] = time.monotonic()
@@ -2866,6 +3526,25 @@ class HealthServer(http.server.ThreadingHTTPServer):
         except BaseException:
             self._done(request)
             raise
+
+    def _busy(self, request: socket.socket) -> None:
+        """A client past the cap is answered 503 at once, without a thread: what it sent so far is
+        read first (closing on unread bytes would reset the connection before it reads this)."""
+        body = json.dumps({"status": "unhealthy", "reasons": [
+            f"the health server is busy ({self.MAX_CLIENTS} clients at once); try again"]}).encode() + b"\n"
+        answer = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Cache-Control: no-store\r\nContent-Length: " + str(len(body)).encode() +
+                  b"\r\nConnection: close\r\n\r\n" + body)
+        with contextlib.suppress(OSError):
+            select.select([request], [], [], 0.05)  # a request sent right after the connection
+            request.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                request.recv(65536)
+            request.send(answer)  # a few hundred bytes: the socket's buffer takes them at once
+            request.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(BlockingIOError):
+                request.recv(65536)
+        self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
@@ -3037,6 +3716,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     threads = [threading.Thread(target=reconciler.run, name="reconciler", daemon=True),
                threading.Thread(target=follow_events, args=(engine, reconciler, stop),
                                 name="events", daemon=True)]
+    if reconciler.heartbeat is not None:
+        threads.append(threading.Thread(target=reconciler.heartbeat.run, name="heartbeat", daemon=True))
     for thread in threads:
         thread.start()
     stop.wait()
@@ -3053,7 +3734,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
         return 2
     if config.deregister_on_exit:
         deregister(registry, deadline)
-    log.info("stopped; %d record(s) left in place", 0 if config.deregister_on_exit
+    log.info("stopped; %d record(s) left in place", 0 if config.deregister_on_exit and registry.engine_id
              else len(reconciler.known))
     return 0
 
@@ -3064,8 +3745,8 @@ def deregister(registry: Registry, deadline: float) -> None:
 
     def delete() -> None:
         try:
-            registry.clear()
-            log.info("deleted %s/ (--deregister-on-exit)", registry.host_dir)
+            if registry.clear():
+                log.info("deleted %s/ (--deregister-on-exit)", registry.host_dir)
         except Unavailable as exc:
             log.error("could not delete %s/ on exit: %s; it expires with its TTL", registry.host_dir, exc)
         done.set()

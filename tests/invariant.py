@@ -33,7 +33,8 @@ NEXT_STEPS = ("retrying in", "reconnecting", "re-registering everything", "treat
               "left as it is until the next resync", "expire within", "it expires with its TTL",
               "retrying this container alone in", "not registered",
               "(fine for a single-host demo)", "only hosts on the same link",
-              "registering without authentication", "a restart writes everything again")
+              "registering without authentication", "a restart writes everything again",
+              "they are kept as they are", "it is left as it is")
 
 
 def assert_log_is_clean(registrar: Registrar) -> None:

@@ -144,8 +144,8 @@ def test_etcd_wiped_everything_is_reregistered_within_one_refresh_interval(
         assert (f"host directory {check.host_dir} was (re)created" in r.log
                 or "host directory had expired" in r.log)
     else:
-        assert re.search(rf"lease [0-9a-f]+ of {re.escape(check.host_dir)} had expired or been revoked; "
-                         "re-registering everything", r.log)
+        assert re.search(rf"lease [0-9a-f]+ of {re.escape(check.host_dir)} had expired or been revoked "
+                         r"\(.+\); re-registering everything on new lease [0-9a-f]+", r.log)
     assert_log_is_clean(r)
 
 
@@ -296,7 +296,7 @@ def test_operator_deletes_and_edits_are_repaired(docker, client, registrar, pref
         client.revoke(client.lease_of(check.host_dir))  # the host key and every record with it
     check.wait(ttl / 3 + 3, r, since=time.monotonic(),
                fault="operator deleted the host directory / revoked the lease (refresh every 2 s)")
-    assert re.search("(had expired or lost its TTL|had expired or been revoked); re-registering "
+    assert re.search(r"(had expired or lost its TTL|had expired or been revoked \(.+\)); re-registering "
                      "everything", r.log)
     assert len(cids) == len(read_tree(client, check.host_dir))
     assert_log_is_clean(r)

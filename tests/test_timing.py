@@ -30,17 +30,29 @@ class FakeRegistry:
     API = 2
     LIVENESS = "host directory"
     host_dir = "/registered/10.0.0.1"
+    endpoints = (Endpoint("http", "127.0.0.1", 2379),)
+    beat_endpoint = endpoints[0]
     writes = 0
 
     def __init__(self):
         self.refreshes = 0
         self.dir_present = True
         self.records = {}
+        self.engine_id = "engine-1"  # known: the reconciler asks Docker for it otherwise
+        self.granted_new = False  # the host directory was adopted from a run before
+        self.timeouts = []
+
+    def check_api(self):
+        pass
 
     def prepare(self):
         return False
 
-    def heartbeat(self):
+    def liveness(self):
+        return f"host directory {self.host_dir}"
+
+    def heartbeat(self, timeout):
+        self.timeouts.append(timeout)
         self.refreshes += 1
         present, self.dir_present = self.dir_present, True
         return None if present else f"host directory {self.host_dir} had expired or lost its TTL"
@@ -111,9 +123,10 @@ def test_the_ttl_is_refreshed_every_third_of_the_ttl():
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30), registry)
         worker.set_events_connected(True)
+        worker._step()  # the host directory is adopted: the heartbeat is due at once
         refreshes = []
         for _ in range(31):
-            worker._step()
+            worker.heartbeat.step()
             refreshes.append(registry.refreshes)
             clock.tick(1)
     # at once (what a restarted registrar adopted may have little time left), then at t = 10, 20
@@ -126,16 +139,17 @@ def test_no_refresh_while_docker_is_unreachable_then_one_as_soon_as_it_is_back(c
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30), registry)
         worker.set_events_connected(True)
-        clock.tick(10)
         worker._step()
+        clock.tick(10)
+        worker.heartbeat.step()
         assert registry.refreshes == 1
         worker.set_events_connected(False)  # dockerd died: the records can no longer be vouched for
         for _ in range(60):
             clock.tick(1)
-            worker._step()
+            worker.heartbeat.step()
         assert registry.refreshes == 1  # the host directory expires with its TTL
         worker.set_events_connected(True)
-        worker._step()
+        worker.heartbeat.step()
         assert registry.refreshes == 2  # at once, not at the next interval
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         "Docker is unreachable: no longer refreshing the TTL of /registered/10.0.0.1; its records "
@@ -156,12 +170,13 @@ def test_an_adopted_ttl_due_before_dockers_first_answer_is_no_warning(caplog):
     with freeze_time("2026-11-22 00:00:00") as clock:
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30), registry)
-        worker._step()
+        worker.heartbeat.renewed(adopted=True)  # what the first step does once Docker answered
+        worker.heartbeat.step()
         clock.tick(1)
-        worker._step()
+        worker.heartbeat.step()
         assert (registry.refreshes, warnings(caplog)) == (0, [])
         worker.set_events_connected(True)
-        worker._step()
+        worker.heartbeat.step()
         assert (registry.refreshes, warnings(caplog)) == (1, [])
 
 
@@ -169,12 +184,13 @@ def test_docker_down_at_start_with_an_adopted_ttl_is_said_once(caplog):
     with freeze_time("2026-11-22 00:00:00") as clock:
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30), registry)
-        worker._step()  # the refresh is due and waits for Docker
+        worker.heartbeat.renewed(adopted=True)
+        worker.heartbeat.step()  # the refresh is due and waits for Docker
         worker.set_events_connected(False)  # the event thread's first attempt failed
         assert warnings(caplog) == [SUSPENDED]
         for _ in range(3):
             clock.tick(11)
-            worker._step()
+            worker.heartbeat.step()
             worker.set_events_connected(False)  # each retry fails again
         assert (registry.refreshes, warnings(caplog)) == (0, [SUSPENDED])
 
@@ -182,13 +198,13 @@ def test_docker_down_at_start_with_an_adopted_ttl_is_said_once(caplog):
 def test_docker_down_at_start_without_an_adopted_ttl_is_said_at_the_refresh(caplog):
     with freeze_time("2026-11-22 00:00:00") as clock:
         registry = FakeRegistry()
-        registry.prepare = lambda: True  # a new host directory: its whole TTL ahead
         worker = reconciler(config(ttl=30), registry)
-        worker._step()
+        worker.heartbeat.renewed(adopted=False)  # a new host directory: its whole TTL ahead
+        worker.heartbeat.step()
         worker.set_events_connected(False)
         assert warnings(caplog) == []  # nothing to refresh yet
         clock.tick(10)
-        worker._step()
+        worker.heartbeat.step()
         assert (registry.refreshes, warnings(caplog)) == (0, [SUSPENDED])
 
 
@@ -196,10 +212,11 @@ def test_no_refresh_without_ttl():
     with freeze_time("2026-11-22 00:00:00") as clock:
         registry = FakeRegistry()
         worker = reconciler(config(ttl=0), registry)
+        worker.set_events_connected(True)
         for _ in range(5):
             worker._step()
             clock.tick(100)
-    assert registry.refreshes == 0
+    assert registry.refreshes == 0 and worker.heartbeat is None
 
 
 def test_full_reconcile_on_connect_then_every_resync_interval(caplog):
@@ -230,10 +247,12 @@ def test_a_refresh_that_finds_the_directory_gone_triggers_a_full_reconcile(caplo
         worker._step()
         registry.dir_present = False
         clock.tick(10)
+        worker.heartbeat.step()  # on its own thread in the service
         worker._step()
     assert worker.full_reconciles == 2
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
-        "host directory /registered/10.0.0.1 had expired or lost its TTL; re-registering everything"]
+    reasons = [r.getMessage().split(":")[0] for r in caplog.records if "full reconcile" in r.getMessage()]
+    assert reasons == ["full reconcile (connected to Docker's event stream)",
+                       "full reconcile (host directory had expired)"]
 
 
 def test_each_retry_is_logged_with_its_cause_and_delay(caplog):
