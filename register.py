@@ -1357,7 +1357,8 @@ class Registry:
                 return "lacks", "not etcd"  # something else listens there: it never fixes itself
             answer = self._probe_api(session, endpoint)
         except (requests.RequestException, OSError) as exc:
-            return "down", describe(exc)
+            return "down", describe(exc) + (self._leaderless(endpoint.url) if isinstance(
+                exc, requests.Timeout) else "")
         if answer.status_code == 404:
             return "lacks", version
         if answer.status_code >= 500:
@@ -3732,20 +3733,21 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     if reconciler.fatal:
         print(f"{PROG}: error: {reconciler.fatal}", file=sys.stderr)
         return 2
-    if config.deregister_on_exit:
-        deregister(registry, deadline)
-    log.info("stopped; %d record(s) left in place", 0 if config.deregister_on_exit and registry.engine_id
-             else len(reconciler.known))
+    deleted = deregister(registry, deadline) if config.deregister_on_exit else False
+    log.info("stopped; %d record(s) left in place", 0 if deleted else len(reconciler.known))
     return 0
 
 
-def deregister(registry: Registry, deadline: float) -> None:
-    """Delete this host's subtree, giving up at the shutdown deadline (the TTL then takes it)."""
+def deregister(registry: Registry, deadline: float) -> bool:
+    """Delete this host's subtree, giving up at the shutdown deadline (the TTL then takes it).
+    True when it was deleted."""
     done = threading.Event()
+    deleted = []
 
     def delete() -> None:
         try:
             if registry.clear():
+                deleted.append(True)
                 log.info("deleted %s/ (--deregister-on-exit)", registry.host_dir)
         except Unavailable as exc:
             log.error("could not delete %s/ on exit: %s; it expires with its TTL", registry.host_dir, exc)
@@ -3755,6 +3757,7 @@ def deregister(registry: Registry, deadline: float) -> None:
     if not done.wait(max(0.0, deadline - time.monotonic())):
         log.error("could not delete %s/ on exit: etcd did not answer in time; it expires with its TTL",
                   registry.host_dir)
+    return bool(deleted)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import testbed
 from testbed import REGISTER
 
 import register
@@ -14,7 +15,8 @@ from register import Endpoint, load_config
 GOOD = {"ETCD_ENDPOINT": "127.0.0.1:2379", "HOST_IP": "10.0.0.1"}
 ENDPOINT_EXPECTED = ("expected host:port, http://host:port or https://host:port, "
                      "or a comma-separated list of them")
-TTL_EXPECTED = "expected 0 (no TTL) or a whole number of seconds from 3 up"
+TTL_EXPECTED = "expected 0 (no TTL) or a whole number of seconds from 3 to 86400 (one day)"
+RESYNC_EXPECTED = "expected a whole number of seconds from 1 to 86400 (one day)"
 PREFIX_EXPECTED = ("expected an absolute etcd path below the root, of letters, digits and . _ : @ - between "
                    "slashes, e.g. REGISTER_PREFIX=/registered")
 DOCKER_EXPECTED = ("expected unix:///path/to/docker.sock, tcp://host:port, or ssh://user@host with paramiko "
@@ -23,9 +25,30 @@ HOST_IP_EXPECTED = "expected this host's IPv4 or IPv6 address, e.g. HOST_IP=10.0
 CREDENTIALS = "carries credentials, which do not belong in an address (they would show in logs)"
 
 
-def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
+def run_register(env: dict, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REGISTER), *args], env={"PATH": os.environ["PATH"], **env},
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def refused_at_start(env: dict, *args: str, timeout: float = 10) -> str:
+    """register.py run with settings it must refuse before doing anything: exit code 2, nothing on
+    stdout, exactly one stderr line "register.py: error: ..." and no traceback. Returns the
+    message after "register.py: error: ". A process that takes the settings and runs is killed
+    after `timeout` seconds, and the test fails saying so."""
+    try:
+        result = run_register(env, *args, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        result = None
+    if result is None:
+        pytest.fail(f"register.py took these settings and was still running after {timeout} s; it said:\n"
+                    f"{said[-1000:]}")
+    assert "Traceback" not in result.stderr, result.stderr
+    assert (result.returncode, result.stdout) == (2, ""), result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and result.stderr.endswith("\n"), result.stderr
+    assert lines[0].startswith("register.py: error: "), lines[0]
+    return lines[0].removeprefix("register.py: error: ")
 
 
 @pytest.mark.parametrize(("env", "args", "line"), [
@@ -86,7 +109,16 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
      f"REGISTER_TTL='1m' is not a whole number of seconds; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
     ({**GOOD, "REGISTER_TTL": "2"}, [], f"REGISTER_TTL='2' is below 3; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
     ({**GOOD, "REGISTER_RESYNC": "0"}, [],
-     "REGISTER_RESYNC='0' is below 1; expected a whole number of seconds from 1 up, e.g. REGISTER_RESYNC=60"),
+     f"REGISTER_RESYNC='0' is below 1; {RESYNC_EXPECTED}, e.g. REGISTER_RESYNC=60"),
+    # a day at most: a TTL or a resync of years is a typo
+    ({**GOOD, "REGISTER_TTL": "86401"}, [],
+     f"REGISTER_TTL='86401' is above 86400; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
+    ({**GOOD, "REGISTER_TTL": "9000000001"}, [],
+     f"REGISTER_TTL='9000000001' is above 86400; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
+    ({**GOOD, "REGISTER_TTL": "99999999999999999999999"}, [],
+     f"REGISTER_TTL='99999999999999999999999' is above 86400; {TTL_EXPECTED}, e.g. REGISTER_TTL=60"),
+    ({**GOOD, "REGISTER_RESYNC": "99999999999"}, [],
+     f"REGISTER_RESYNC='99999999999' is above 86400; {RESYNC_EXPECTED}, e.g. REGISTER_RESYNC=60"),
     ({**GOOD, "REGISTER_PREFIX": "registered"}, [],
      f"REGISTER_PREFIX='registered' does not start with /; {PREFIX_EXPECTED}"),
     ({**GOOD, "REGISTER_PREFIX": "/"}, [],
@@ -174,28 +206,18 @@ def run_register(env: dict, *args: str) -> subprocess.CompletedProcess:
     ({**GOOD, "ETCD_ENDPOINT": "https://etcd:2379", "ETCD_CA_FILE": "/nonexistent/ca.pem"}, [],
      "ETCD_CA_FILE='/nonexistent/ca.pem' is not a readable file; expected a readable PEM file, "
      "e.g. ETCD_CA_FILE=/etc/ssl/etcd/ca.pem"),
-    ({**GOOD, "ETCD_ENDPOINT": "https://etcd:2379", "ETCD_CERT_FILE": str(REGISTER)}, [],
-     "ETCD_CERT_FILE is set but ETCD_KEY_FILE is not; expected both, "
-     "e.g. ETCD_KEY_FILE=/etc/ssl/etcd/client-key.pem"),
-    ({**GOOD, "ETCD_ENDPOINT": "https://etcd:2379", "ETCD_KEY_FILE": str(REGISTER)}, [],
-     "ETCD_KEY_FILE is set but ETCD_CERT_FILE is not; expected both, "
-     "e.g. ETCD_CERT_FILE=/etc/ssl/etcd/client.pem"),
-    ({**GOOD, "ETCD_CA_FILE": str(REGISTER)}, [],
-     "ETCD_CA_FILE is set but ETCD_ENDPOINT uses http; expected https endpoints with it, "
-     "e.g. ETCD_ENDPOINT=https://127.0.0.1:2379"),
     # a flag is named as a flag
     (GOOD, ["--ttl=-1"], f"--ttl='-1' is negative; {TTL_EXPECTED}, e.g. --ttl=60"),
+    (GOOD, ["--ttl=86401"], f"--ttl='86401' is above 86400; {TTL_EXPECTED}, e.g. --ttl=60"),
+    (GOOD, ["--resync", "100000"], f"--resync='100000' is above 86400; {RESYNC_EXPECTED}, e.g. --resync=60"),
     (GOOD, ["--host-ip", "example.org"],
      "--host-ip='example.org' is not an IPv4 or IPv6 address; expected this host's IPv4 or IPv6 "
      "address, e.g. --host-ip=10.0.0.1"),
-    (GOOD, ["--bogus"], "unrecognized arguments: --bogus"),
+    (GOOD, ["--bogus"], "unrecognized arguments: --bogus (values hidden); see register.py --help for the flags"),
     (GOOD, ["--resync"], "argument --resync: expected one argument"),
 ])
 def test_bad_configuration_is_one_line_and_exit_code_2(env, args, line):
-    result = run_register(env, *args)
-    assert result.returncode == 2
-    assert result.stderr == f"register.py: error: {line}\n"
-    assert result.stdout == ""
+    assert refused_at_start(env, *args) == line  # exit code 2, this one stderr line, nothing on stdout
 
 
 @pytest.mark.parametrize(("env", "args", "line"), [
@@ -227,8 +249,8 @@ def test_bad_configuration_is_one_line_and_exit_code_2(env, args, line):
      f"DOCKER_HOST='tcp://***@docker:2375' {CREDENTIALS}; {DOCKER_EXPECTED}"),
     # argparse repeats what it did not understand: masked too (and no abbreviated flags)
     (GOOD, ["--etcd-endpont=http://admin:s3cret@etcd:2379"],
-     "unrecognized arguments: --etcd-endpont=http://***@etcd:2379"),
-    (GOOD, ["--etcd=http://admin:s3cret@etcd:2379"], "unrecognized arguments: --etcd=http://***@etcd:2379"),
+     "unrecognized arguments: --etcd-endpont=*** (values hidden); see register.py --help for the flags"),
+    (GOOD, ["--etcd=http://admin:s3cret@etcd:2379"], "unrecognized arguments: --etcd=*** (values hidden); see register.py --help for the flags"),
 ])
 def test_credentials_in_an_address_are_refused_and_never_printed(env, args, line):
     result = run_register(env, *args)
@@ -374,11 +396,12 @@ def test_defaults():
     assert config.host_dir == "/registered/10.0.0.1"
 
 
-def test_tls_files_and_empty_optional_settings():
-    config = load_config(["--etcd-ca-file", str(REGISTER)],
+def test_tls_files_and_empty_optional_settings(tls):
+    config = load_config(["--etcd-ca-file", tls["ca"]],
                          {"ETCD_ENDPOINT": "https://etcd:2379", "HOST_IP": "10.0.0.1",
-                          "ETCD_CERT_FILE": str(REGISTER), "ETCD_KEY_FILE": str(REGISTER)})
-    assert (config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file) == (str(REGISTER),) * 3
+                          "ETCD_CERT_FILE": tls["client"], "ETCD_KEY_FILE": tls["client-key"]})
+    assert (config.etcd_ca_file, config.etcd_cert_file, config.etcd_key_file) == (
+        tls["ca"], tls["client"], tls["client-key"])
     empty = load_config([], {**GOOD, "ETCD_CA_FILE": "", "ETCD_CERT_FILE": " ", "ETCD_KEY_FILE": ""})
     assert (empty.etcd_ca_file, empty.etcd_cert_file, empty.etcd_key_file) == (None, None, None)
 
@@ -439,3 +462,126 @@ def test_docker_host_default_and_flag():
 
 def test_endpoint_url():
     assert Endpoint("https", "[fd00::1]", 2379).url == "https://[fd00::1]:2379"
+
+
+# -- bounds: a day at most ---------------------------------------------------------------------
+
+def test_a_day_is_the_longest_ttl_and_resync():
+    config = load_config([], {**GOOD, "REGISTER_TTL": "86400", "REGISTER_RESYNC": "86400"})
+    assert (config.ttl, config.resync) == (86400, 86400)
+    assert load_config(["--ttl", "86400", "--resync", "86400"], GOOD).ttl == 86400
+    for name, expected in (("REGISTER_TTL", TTL_EXPECTED), ("REGISTER_RESYNC", RESYNC_EXPECTED)):
+        with pytest.raises(register.ConfigError) as refused:
+            load_config([], {**GOOD, name: "86401"})
+        assert str(refused.value) == f"{name}='86401' is above 86400; {expected}, e.g. {name}=60"
+
+
+# -- TLS files: read at start, with real PEM material made by openssl ---------------------------
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory) -> dict[str, str]:
+    """testbed.make_tls's CA, server and client files, plus an empty file and one of junk text."""
+    directory = tmp_path_factory.mktemp("tls")
+    files = {name: str(path) for name, path in testbed.make_tls(directory).items()}
+    (directory / "empty.pem").write_text("")
+    (directory / "junk.pem").write_text("this is not PEM, just text someone pasted\n")
+    return {**files, "empty": str(directory / "empty.pem"), "junk": str(directory / "junk.pem")}
+
+
+HTTPS = {**GOOD, "ETCD_ENDPOINT": "https://127.0.0.1:2379"}
+NO_CERTIFICATE = "holds no PEM certificate (it is empty, or holds something else, such as a key)"
+CA_EXPECTED = "expected a readable PEM file, e.g. ETCD_CA_FILE=/etc/ssl/etcd/ca.pem"
+
+
+# (settings naming files of the `tls` fixture, what the line says: "=" the whole line, "^" its start)
+@pytest.mark.parametrize(("files", "how", "line"), [
+    ({"ETCD_CA_FILE": "empty"}, "=", f"ETCD_CA_FILE={{empty!r}} {NO_CERTIFICATE}; {CA_EXPECTED}"),
+    ({"ETCD_CA_FILE": "junk"}, "=", f"ETCD_CA_FILE={{junk!r}} {NO_CERTIFICATE}; {CA_EXPECTED}"),
+    ({"ETCD_CA_FILE": "ca-key"}, "=", f"ETCD_CA_FILE={{ca-key!r}} {NO_CERTIFICATE}; {CA_EXPECTED}"),
+    ({"ETCD_CA_FILE": "ca", "ETCD_CERT_FILE": "empty", "ETCD_KEY_FILE": "client-key"}, "^",
+     f"ETCD_CERT_FILE={{empty!r}} {NO_CERTIFICATE}"),
+    ({"ETCD_CA_FILE": "ca", "ETCD_CERT_FILE": "client-key", "ETCD_KEY_FILE": "client"}, "=",
+     "ETCD_CERT_FILE={client-key!r} holds a private key and ETCD_KEY_FILE={client!r} a certificate: they are "
+     "swapped; expected ETCD_CERT_FILE to name the client certificate and ETCD_KEY_FILE its key"),
+    ({"ETCD_CA_FILE": "ca", "ETCD_CERT_FILE": "client", "ETCD_KEY_FILE": "server-key"}, "=",
+     "ETCD_KEY_FILE={server-key!r} is not the private key of ETCD_CERT_FILE={client!r}; expected the key the "
+     "certificate was issued for"),
+    ({"ETCD_CA_FILE": "ca", "ETCD_CERT_FILE": "client", "ETCD_KEY_FILE": "junk"}, "^",
+     "ETCD_KEY_FILE={junk!r} holds no PEM private key"),
+], ids=["ca-empty", "ca-junk", "ca-is-a-key", "cert-empty", "cert-and-key-swapped", "key-of-another-cert",
+        "key-junk"])
+def test_tls_files_that_cannot_work_are_refused_at_start(tls, files, how, line):
+    """A file that is readable but holds the wrong thing fails every TLS handshake later, with
+    words about ssl: it is read at start and named. The process is run for real (wherever
+    register.py reads the files, before anything else they are a bad configuration)."""
+    expected = line.format_map(tls)
+    message = refused_at_start({**HTTPS, **{name: tls[key] for name, key in files.items()}})
+    if how == "=":
+        assert message == expected
+    else:
+        assert message.startswith(expected), message
+
+
+def test_tls_settings_that_belong_together(tls):
+    """A client certificate goes with its key, and TLS files with https (real PEM files, so that
+    the pairing is what is wrong, not the files)."""
+    for files, line in [
+            ({"ETCD_CERT_FILE": tls["client"]},
+             "ETCD_CERT_FILE is set but ETCD_KEY_FILE is not; expected both, "
+             "e.g. ETCD_KEY_FILE=/etc/ssl/etcd/client-key.pem"),
+            ({"ETCD_KEY_FILE": tls["client-key"]},
+             "ETCD_KEY_FILE is set but ETCD_CERT_FILE is not; expected both, "
+             "e.g. ETCD_CERT_FILE=/etc/ssl/etcd/client.pem")]:
+        assert refused_at_start({**GOOD, "ETCD_ENDPOINT": "https://etcd:2379", **files}) == line
+    assert refused_at_start({**GOOD, "ETCD_CA_FILE": tls["ca"]}) == (
+        "ETCD_CA_FILE is set but ETCD_ENDPOINT uses http; expected https endpoints with it, "
+        "e.g. ETCD_ENDPOINT=https://127.0.0.1:2379")
+
+
+# -- endpoints: a zone, a list without commas --------------------------------------------------
+
+@pytest.mark.parametrize(("endpoint", "zone"), [
+    ("http://[fe80::1%25lo]:2379", "%25lo"), ("[fe80::1%lo]:2379", "%lo")])
+def test_an_ipv6_endpoint_with_a_zone_is_refused(endpoint, zone):
+    start = (f"ETCD_ENDPOINT={endpoint!r} has an IPv6 address with a zone ({zone}), which cannot be used "
+             "here")
+    with pytest.raises(register.ConfigError) as refused:
+        load_config([], {**GOOD, "ETCD_ENDPOINT": endpoint})
+    assert str(refused.value).startswith(start), str(refused.value)
+    assert refused_at_start({**GOOD, "ETCD_ENDPOINT": endpoint}).startswith(start)
+
+
+def test_endpoints_separated_by_spaces_are_told_to_use_commas():
+    settings = {**GOOD, "ETCD_ENDPOINT": "http://a:2379 http://b:2379"}
+    with pytest.raises(register.ConfigError) as refused:
+        load_config([], settings)
+    assert "endpoints are separated by commas" in str(refused.value)
+    message = refused_at_start(settings)
+    assert message.startswith("ETCD_ENDPOINT='http://a:2379 http://b:2379' ")
+    assert "endpoints are separated by commas" in message
+
+
+# -- a password where it does not belong is never repeated --------------------------------------
+
+SECRET = "Hunter2Secret"
+
+
+def test_a_password_in_the_user_name_is_refused_and_never_printed():
+    settings = {**GOOD, "ETCD_USERNAME": f"registrar:{SECRET}", "ETCD_PASSWORD": "another-pw"}
+    with pytest.raises(register.ConfigError) as refused:
+        load_config([], settings)
+    assert "ETCD_USERNAME" in str(refused.value) and "colon" in str(refused.value)
+    assert SECRET not in str(refused.value)
+    message = refused_at_start(settings)  # stdout empty, stderr this one line: the secret is nowhere
+    assert "ETCD_USERNAME" in message and "colon" in message and SECRET not in message, message
+
+
+@pytest.mark.parametrize("args", [
+    [f"--etcd-pass={SECRET}"], [f"--etcd-passwd={SECRET}"], ["--etcd-pass", SECRET]],
+    ids=["--etcd-pass=", "--etcd-passwd=", "--etcd-pass-then-the-secret"])
+def test_a_password_flag_that_does_not_exist_is_never_repeated(args):
+    with pytest.raises(register.ConfigError) as refused:
+        load_config(args, GOOD)
+    assert "unrecognized arguments" in str(refused.value) and SECRET not in str(refused.value)
+    message = refused_at_start(GOOD, *args)  # stdout empty, stderr this one line
+    assert "unrecognized arguments" in message and SECRET not in message, message

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 import testbed
+from invariant import assert_log_is_clean
 from testbed import HOST, REGISTER, wait_until
 
 import register
@@ -338,3 +339,35 @@ def test_a_docker_that_hangs_is_named(docker, registrar, prefix):
     finally:
         docker.process.send_signal(signal.SIGCONT)
     wait_for_status(url, 200, 40, r)
+
+
+def test_a_health_server_at_its_client_cap_says_it_is_busy(docker, registrar, prefix):
+    """16 clients that say nothing hold every slot (HealthServer.MAX_CLIENTS) until their 5 s are
+    up; a probe meanwhile gets an answer that says why, not a closed connection."""
+    import socket
+    r, port, url = start_with_health(registrar)
+    wait_for_status(url, 200, 30, r)
+    idle = []
+    try:
+        held = time.monotonic()
+        for _ in range(register.HealthServer.MAX_CLIENTS):
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(b"GET /healthz HTTP/1.1\r\n")
+            idle.append(connection)
+        # the server accepts connections in the order they came: the probe's is the 17th
+        time.sleep(0.2)
+        checked = subprocess.run([sys.executable, str(REGISTER), "healthcheck", "--health-addr",
+                                  f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=30,
+                                 env={"PATH": "/usr/bin:/bin"})
+        # the idle clients still held their slots when the probe was answered (each is shut 5 s
+        # after its connection)
+        assert time.monotonic() - held < 5
+    finally:
+        for connection in idle:
+            connection.close()
+    assert (checked.returncode, checked.stderr) == (1, ""), checked
+    assert checked.stdout.count("\n") == 1 and checked.stdout.endswith("\n"), checked.stdout
+    assert checked.stdout.startswith("unhealthy (HTTP 503): the health server is busy"), checked.stdout
+    wait_until(lambda: _answers(url), 10, "/healthz to answer once the idle clients are gone")
+    assert healthcheck(port).returncode == 0
+    assert_log_is_clean(r)

@@ -468,3 +468,108 @@ def test_network_events_matter_only_to_containers_known_to_run():
     worker._dirty.clear()
     worker.mark_dirty(cid, stopped=None)  # one more, after the die was handled: nothing to do
     assert worker._dirty == {}
+
+
+# -- the heartbeat: its own schedule, attempts bounded by the interval, failover at once ---------
+
+class SilentMembers(FakeRegistry):
+    """The first `silent` attempts meet members that accept and never answer: each waits out its
+    whole timeout on the frozen clock, then fails over to the next endpoint."""
+
+    endpoints = tuple(Endpoint("http", f"10.0.0.{n}", 2379) for n in (1, 2, 3))
+
+    def __init__(self, clock, silent: int, quick: bool = False):
+        super().__init__()
+        self.clock, self.silent, self.quick = clock, silent, quick
+        self.at = 0
+
+    @property
+    def beat_endpoint(self):
+        return self.endpoints[self.at % len(self.endpoints)]
+
+    def heartbeat(self, timeout):
+        self.timeouts.append(timeout)
+        if self.silent:
+            self.silent -= 1
+            if not self.quick:
+                self.clock.tick(timeout)
+            failed = self.beat_endpoint.url
+            self.at += 1
+            raise register.HeartbeatFailed(f"etcd at {failed} failed: timed out", failed,
+                                           self.beat_endpoint.url, "timed out")
+        self.refreshes += 1
+        return None
+
+
+def beating(registry, ttl: int) -> Reconciler:
+    worker = reconciler(config(ttl=ttl), registry)
+    worker.set_events_connected(True)
+    worker.heartbeat.renewed(adopted=True)  # due at once
+    return worker
+
+
+def test_each_heartbeat_attempt_waits_an_even_share_of_the_interval_then_the_next_endpoint_at_once(caplog):
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = SilentMembers(clock, silent=2)
+        worker = beating(registry, ttl=6)  # a heartbeat every 2 s, three endpoints: 1 s each
+        delays = [worker.heartbeat.step() for _ in range(3)]
+    assert registry.timeouts == [1.0, 1.0, 1.0] and registry.refreshes == 1
+    assert delays == [0.0, 0.0, 2.0]  # the next endpoint at once; then the next interval
+    assert [(r.fields["endpoint"], r.fields["next"]) for r in caplog.records
+            if r.fields.get("event") == "heartbeat_retry"] == [
+        ("http://10.0.0.1:2379", "http://10.0.0.2:2379"), ("http://10.0.0.2:2379", "http://10.0.0.3:2379")]
+    assert warnings(caplog)[0] == (
+        "heartbeat of host directory /registered/10.0.0.1 failed at http://10.0.0.1:2379: timed out; "
+        "retrying in 0.0 s at http://10.0.0.2:2379")
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.INFO][-1] == (
+        "heartbeat of host directory /registered/10.0.0.1 answered by http://10.0.0.3:2379 after 2 "
+        "failed attempt(s)")
+
+
+def test_a_heartbeat_attempt_never_waits_past_its_interval_nor_the_request_timeout():
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        short = SilentMembers(clock, silent=2)
+        short.endpoints = short.endpoints[:1]
+        worker = beating(short, ttl=6)  # one endpoint: the whole interval, 2 s, for each attempt
+        for _ in range(3):
+            worker.heartbeat.step()
+        long = SilentMembers(clock, silent=1)
+        worker = beating(long, ttl=60)  # a 20 s interval: no attempt waits past the 5 s timeout
+        for _ in range(2):
+            worker.heartbeat.step()
+    assert short.timeouts == [2.0, 2.0, 2.0] and long.timeouts == [5.0, 5.0]
+
+
+def test_a_quick_refusal_is_retried_after_a_short_backoff_not_in_a_loop():
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry = SilentMembers(clock, silent=3, quick=True)
+        worker = beating(registry, ttl=30)
+        worker.heartbeat._retries = RetrySchedule(first=0.25, cap=2.5, jitter=None)
+        delays = [worker.heartbeat.step() for _ in range(4)]
+    assert delays == [0.25, 0.5, 1.0, 10.0]
+
+
+def test_an_unexpected_error_that_recurs_backs_off_even_when_steps_succeed_in_between(caplog):
+    """A bug after a step's work was done (the wait itself failing) must still back off: the
+    "recovered" of the step before it once reset the backoff, and the bug looped every 0.5 s."""
+    waits = []
+
+    class Stop(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            if len(waits) >= 6:
+                self.set()
+            return self.is_set()
+
+    worker = reconciler(config(ttl=0))
+    worker.stop = Stop()
+    worker._bugs = RetrySchedule(jitter=None)
+    worker.set_events_connected(True)
+
+    def broken_wait():
+        raise OverflowError("timestamp out of range for platform time_t")
+
+    worker._wait_for_work = broken_wait
+    worker.run()
+    assert waits == [0.5, 1, 2, 4, 8, 10]
+    assert sum("unexpected error in the reconciler" in r.getMessage() for r in caplog.records) == 6
