@@ -361,7 +361,8 @@ def test_host_directory_has_a_ttl_refreshed_and_restored_when_deleted(docker, cl
         lease = client.lease_of(f"{prefix}/{HOST}")
         client.revoke(lease)  # an operator's mistake: every key on it goes
         lost = re.compile(rf"lease {lease:x} of {re.escape(prefix)}/{HOST} had expired or been revoked "
-                          r"\(its keepalive was answered .+\); re-registering everything on new lease [0-9a-f]+")
+                          r"\(its keepalive was answered .+\); re-registering everything on new lease "
+                          r"[0-9a-f]+")
     converge(client, f"{prefix}/{HOST}", expected, r, timeout=10)  # the next refresh (every 2 s) sees it
     wait_until(lambda: client.host_present(f"{prefix}/{HOST}"), 5, "the host key")
     assert 0 < client.liveness(f"{prefix}/{HOST}") <= 6

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import etcd
 import pytest
 import requests
 import store as stores
@@ -159,12 +160,15 @@ def converge(view: stores.V3Store, host_dir: str, expected: dict[str, str], regi
         time.sleep(0.1)
 
 
-def assert_host_key(view: stores.V3Store, host_dir: str, ttl: int) -> int:
-    """The host key: this version's compact JSON on a live lease of `ttl` seconds; returns the lease."""
+def assert_host_key(view: stores.V3Store, host_dir: str, ttl: int, docker: testbed.DockerEngine) -> int:
+    """The host key: this version's compact JSON, naming the Docker engine (`docker info`'s ID), on a
+    live lease of `ttl` seconds; returns the lease."""
     value = view.get(host_dir)
     assert value is not None, f"{host_dir} is missing"
     started = json.loads(value)["started"]
-    assert value == json.dumps({"registrar": register.VERSION, "started": started}, separators=(",", ":"))
+    engine = docker.out("info", "--format", "{{.ID}}")
+    assert value == json.dumps({"registrar": register.VERSION, "started": started, "engine": engine},
+                               separators=(",", ":"))
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", started), value
     lease = view.lease_of(host_dir)
     left, granted = view.lease_ttl(lease)
@@ -218,6 +222,14 @@ def wait_for_retries(registrar: Registrar, message: str, count: int = 3, timeout
     assert registrar.process.poll() is None, registrar.log
 
 
+def permission_denied(key: str, prefix: str) -> str:
+    """What the registrar says when etcd refuses a write for permission (v3, gRPC code 7): the user
+    and its role, which it reads of itself (auth/user/get), and the fix with the role's name."""
+    return (f"etcd refused a request for {key!r}: etcdserver: permission denied (gRPC code 7); the role of "
+            f"etcd user {USER!r} ({ROLE}) needs readwrite on {prefix}/ (etcdctl role grant-permission "
+            f"{ROLE} readwrite {prefix}/ --prefix)")
+
+
 def assert_said_once_then_debug(registrar: Registrar, message: str) -> None:
     """An error that waits for an operator: one error line, every retry since at debug level."""
     errors = log_lines(registrar.log, "error")
@@ -225,6 +237,36 @@ def assert_said_once_then_debug(registrar: Registrar, message: str) -> None:
     retries = log_lines(registrar.log, "debug", message)
     assert len(retries) >= 2 and all(re.fullmatch(re.escape(message) + RETRY, line) for line in retries), \
         retries
+
+
+# -- the health signal -------------------------------------------------------------------------
+
+BLOCKED = "blocked until an operator acts: "  # how /healthz says an error that waits for an operator
+
+
+def health(url: str) -> tuple[int, dict]:
+    answer = requests.get(url, timeout=5)
+    return answer.status_code, answer.json()
+
+
+def wait_for_health(url: str, status: int, registrar: Registrar, timeout: float = 15) -> dict:
+    seen = {}
+
+    def reached():
+        seen["last"] = health(url)
+        return seen["last"][0] == status
+    try:
+        wait_until(reached, timeout, f"/healthz to answer {status}", interval=0.2)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; last answer {seen.get('last')}\n{registrar.log[-4000:]}") from None
+    return seen["last"][1]
+
+
+def the_error(registrar: Registrar) -> str:
+    """The one error line's cause (the line without its "; N container(s) pending; retrying in")."""
+    errors = log_lines(registrar.log, "error")
+    assert len(errors) == 1 and re.search(RETRY + "$", errors[0]), errors
+    return re.sub(RETRY + "$", "", errors[0])
 
 
 # -- 1. least privilege, from registration to deregistration ------------------------------------
@@ -241,7 +283,7 @@ def test_least_privilege_user_registers_and_deregisters_on_exit(docker, secured,
     view = RootStore(server)
     host_dir = f"{prefix}/{HOST}"
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18080)}, r)
-    lease = assert_host_key(view, host_dir, 30)
+    lease = assert_host_key(view, host_dir, 30, docker)
     assert view.lease_of(f"{host_dir}/regtest::busybox:1/{cid}") == lease
     r.wait_for_log(f"registered web ({cid[:12]}) image regtest/busybox:1 ports 8080/tcp={HOST}:18080")
     assert f"etcd {server.url} (v3 API, user {USER}), subtree {host_dir}/" in r.log
@@ -278,7 +320,7 @@ def test_expired_and_forgotten_tokens_are_renewed_and_no_write_is_lost(docker, s
         start_container(docker, f"idle{number}", 18100 + number)
         converge(view, host_dir, expected_registry(docker, prefix, HOST), r, timeout=10)
     assert len(view.records(host_dir)) == 3
-    assert assert_host_key(view, host_dir, 9) == lease  # kept alive throughout by the keepalives
+    assert assert_host_key(view, host_dir, 9, docker) == lease  # kept alive throughout by the keepalives
     assert r.log.count(authenticated) >= 4, r.log
     assert not log_lines(r.log, "warning") and not log_lines(r.log, "error"), r.log
 
@@ -356,7 +398,7 @@ def test_a_wrong_password_is_one_error_until_the_operator_sets_it(docker, secure
 
     set_password(server, USER, new)  # the operator sets the password the file holds
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18130)}, r)
-    assert_host_key(view, host_dir, 30)
+    assert_host_key(view, host_dir, 30, docker)
     r.wait_for_log(f"last cause: {message}")
     assert re.search(r" info +recovered after \d+ failed attempt\(s\); last cause: " + re.escape(message),
                      r.log), r.log
@@ -387,7 +429,7 @@ def test_an_unknown_user_is_one_error_until_the_operator_adds_it_json_log(docker
     view = RootStore(server)
     host_dir = f"{prefix}/{HOST}"
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18140)}, r)
-    assert_host_key(view, host_dir, 30)
+    assert_host_key(view, host_dir, 30, docker)
     r.wait_for_log('"event":"recovered"')
     entries = assert_json_log_is_clean(r)
     assert [e["container"] for e in entries if e.get("event") == "registered"] == ["web"]
@@ -409,9 +451,7 @@ def test_a_role_without_write_access_is_one_error_until_the_operator_grants_it(
                   env={"ETCD_API": "3", "ETCD_USERNAME": USER,
                        "ETCD_PASSWORD_FILE": str(password_file(workdir, password))})
     host_dir = f"{prefix}/{HOST}"
-    message = (f"etcd refused a request for {host_dir!r}: etcdserver: permission denied (gRPC code 7); "
-               f"the role of etcd user {USER!r} needs readwrite on {prefix}/ (etcdctl role grant-permission "
-               f"ROLE readwrite {prefix}/ --prefix)")
+    message = permission_denied(host_dir, prefix)
     wait_for_retries(r, message)
     assert_said_once_then_debug(r, message)
     view = RootStore(server)
@@ -419,7 +459,66 @@ def test_a_role_without_write_access_is_one_error_until_the_operator_grants_it(
 
     as_root(server, "role", "grant-permission", ROLE, "readwrite", f"{prefix}/", "--prefix")  # the fix
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18150)}, r)
-    assert_host_key(view, host_dir, 30)
+    assert_host_key(view, host_dir, 30, docker)
+    assert_log_is_clean(r)
+    assert_never_shown(r, password, ROOT_PASSWORD)
+
+
+def test_a_role_downgraded_to_read_while_running_keeps_the_lease_and_every_record(
+        docker, secured, own_registrar, prefix, workdir):
+    """readwrite taken back while the registrar runs: a delete and a put refused for permission are
+    not one record's refusal. One error naming the user, its role and the fix; /healthz 503; the
+    lease kept alive (a keepalive needs no permission) and no record lost, 2.5 TTLs long; then the
+    grant back, and the registry converges to the truth on the same lease."""
+    server = secured()
+    password = new_password()
+    least_privilege(server, prefix, password)
+    kept, stopped = start_container(docker, "kept", 18180), start_container(docker, "stopped", 18181)
+    port = testbed.free_port()
+    url = f"http://127.0.0.1:{port}/healthz"
+    r = own_registrar(endpoint=server.endpoint, ttl=6,
+                      env={"ETCD_API": "3", "ETCD_USERNAME": USER,
+                           "ETCD_PASSWORD_FILE": str(password_file(workdir, password)),
+                           "REGISTER_HEALTH_ADDR": f"127.0.0.1:{port}"})
+    view = RootStore(server)
+    host_dir = f"{prefix}/{HOST}"
+    kept_key, stopped_key = (f"{host_dir}/regtest::busybox:1/{cid}" for cid in (kept, stopped))
+    registered = {kept_key: record(kept, 18180), stopped_key: record(stopped, 18181)}
+    converge(view, host_dir, registered, r)
+    lease = assert_host_key(view, host_dir, 6, docker)
+    wait_for_health(url, 200, r)
+    host_value, kept_revision = view.get(host_dir), view.revision(kept_key)
+
+    as_root(server, "role", "revoke-permission", ROLE, f"{prefix}/", "--prefix")
+    as_root(server, "role", "grant-permission", ROLE, "read", f"{prefix}/", "--prefix")
+    docker.out("kill", "stopped")  # the delete of its record: refused
+    third = start_container(docker, "third", 18182)  # the put of its record: refused
+    third_key = f"{host_dir}/regtest::busybox:1/{third}"
+    watched_until = time.monotonic() + 15  # 2.5 TTLs
+    while time.monotonic() < watched_until:
+        host = view.kv(host_dir)
+        assert host is not None and (stores._text(host["value"]), int(host.get("lease", 0))) == (
+            host_value, lease), f"{host}\n{r.log[-4000:]}"
+        assert view.lease_ttl(lease)[0] > 0, r.log[-4000:]
+        actual = view.records(host_dir)  # the stopped one's too: its delete was refused
+        assert actual == registered, f"{diff(registered, actual)}\n{r.log[-4000:]}"
+        time.sleep(0.2)
+    assert r.process.poll() is None, r.log
+
+    cause = the_error(r)  # the delete's key or the put's: the contract does not say which goes first
+    assert cause in (permission_denied(stopped_key, prefix), permission_denied(third_key, prefix)), cause
+    assert_said_once_then_debug(r, cause)
+    assert "retrying this container alone" not in r.log  # a permission is not one record's refusal
+    assert "had expired or been revoked" not in r.log and "re-registering everything" not in r.log
+    status, body = health(url)
+    assert status == 503 and BLOCKED + cause in body["reasons"], body
+
+    as_root(server, "role", "grant-permission", ROLE, "readwrite", f"{prefix}/", "--prefix")  # the fix
+    converge(view, host_dir, {kept_key: record(kept, 18180), third_key: record(third, 18182)}, r)
+    wait_for_health(url, 200, r)
+    assert view.lease_of(host_dir) == lease and view.get(host_dir) == host_value
+    assert view.lease_of(third_key) == lease
+    assert view.revision(kept_key) == kept_revision  # never written again
     assert_log_is_clean(r)
     assert_never_shown(r, password, ROOT_PASSWORD)
 
@@ -483,7 +582,7 @@ def test_tls_client_certificate_and_password_together_whatever_the_environment_s
     view = RootStore(server)
     host_dir = f"{prefix}/{HOST}"
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18170)}, r)
-    lease = assert_host_key(view, host_dir, 30)
+    lease = assert_host_key(view, host_dir, 30, docker)
     assert f"authenticated to etcd at {server.url} as {USER!r}" in r.log
     assert r.stop() == 0
     assert view.records(host_dir) == {} and view.get(host_dir) is None and view.lease_ttl(lease)[0] == -1
@@ -534,5 +633,75 @@ def test_v2_authentication_least_privilege_and_a_wrong_password(workdir):
             [], {"ETCD_ENDPOINT": server.endpoint, "HOST_IP": HOST}))
         with pytest.raises(register.RegistryBlocked, match=r"requires authentication .*; set ETCD_USERNAME"):
             anonymous.prepare()
+    finally:
+        server.stop()
+
+
+def v2_auth(url: str, path: str, body: dict | None, auth: tuple[str, str] | None = None) -> None:
+    """One change of etcd 3.4's v2 authentication (/v2/auth/...), as an operator makes it."""
+    answer = requests.put(f"{url}/v2/auth/{path}", json=body, auth=auth, timeout=5)
+    assert answer.status_code in (200, 201), answer.text
+
+
+def test_v2_a_role_downgraded_to_read_while_running_is_said_to_be_the_role(docker, own_registrar, prefix,
+                                                                           workdir):
+    """etcd 3.4's v2 API answers a write without permission exactly as a wrong password (HTTP 401,
+    errorCode 110 "The request requires user authentication", cause "Insufficient credentials"),
+    but a wrong password fails reads too: with reads that work, the registrar must name the role,
+    not only the password. (The host directory's refresh is a write too: it is refused meanwhile,
+    so REGISTER_TTL=30 here, that the records outlive the check.)"""
+    server = testbed.EtcdServer(workdir, name=f"v2auth{next(_servers)}", version="3.4", v2=True)
+    server.start()
+    try:
+        url, root = server.url, ("root", ROOT_PASSWORD)
+        password = new_password()
+        allowed = [f"{prefix}/*"]
+        v2_auth(url, "users/root", {"user": "root", "password": ROOT_PASSWORD})
+        v2_auth(url, f"roles/{ROLE}", {"role": ROLE, "permissions": {"kv": {"read": allowed,
+                                                                             "write": allowed}}})
+        v2_auth(url, f"users/{USER}", {"user": USER, "password": password, "roles": [ROLE]})
+        v2_auth(url, "enable", None, root)
+        v2_auth(url, "roles/guest", {"role": "guest", "revoke": {"kv": {"read": ["/*"], "write": ["/*"]}}},
+                root)
+        kept, stopped = start_container(docker, "kept", 18190), start_container(docker, "stopped", 18191)
+        port = testbed.free_port()
+        health_url = f"http://127.0.0.1:{port}/healthz"
+        r = own_registrar(endpoint=server.endpoint, ttl=30,
+                          env={"ETCD_API": "2", "ETCD_USERNAME": USER, "ETCD_PASSWORD": password,
+                               "REGISTER_HEALTH_ADDR": f"127.0.0.1:{port}"})
+        view = stores.V2Store(etcd.Client(host=server.address, port=server.client_port, read_timeout=5,
+                                          username="root", password=ROOT_PASSWORD))
+        host_dir = f"{prefix}/{HOST}"
+        kept_key, stopped_key = (f"{host_dir}/regtest::busybox:1/{cid}" for cid in (kept, stopped))
+        registered = {kept_key: record(kept, 18190), stopped_key: record(stopped, 18191)}
+        converge(view, host_dir, registered, r)
+        wait_for_health(health_url, 200, r)
+        kept_revision = view.revision(kept_key)
+
+        v2_auth(url, f"roles/{ROLE}", {"role": ROLE, "revoke": {"kv": {"write": allowed}}}, root)
+        docker.out("kill", "stopped")
+        third = start_container(docker, "third", 18192)
+        wait_until(lambda: log_lines(r.log, "error"), 15, "the error line", interval=0.1)
+        watched_until = time.monotonic() + 6
+        while time.monotonic() < watched_until:
+            actual = view.records(host_dir)  # nothing written, nothing deleted
+            assert actual == registered, f"{diff(registered, actual)}\n{r.log[-4000:]}"
+            time.sleep(0.2)
+        assert r.process.poll() is None, r.log
+
+        cause = the_error(r)
+        assert USER in cause and "role" in cause and "write" in cause and f"{prefix}/" in cause, cause
+        assert "retrying this container alone" not in r.log
+        assert_said_once_then_debug(r, cause)
+        status, body = health(health_url)
+        assert status == 503 and BLOCKED + cause in body["reasons"], body
+
+        v2_auth(url, f"roles/{ROLE}", {"role": ROLE, "grant": {"kv": {"write": allowed}}}, root)  # the fix
+        third_key = f"{host_dir}/regtest::busybox:1/{third}"
+        converge(view, host_dir, {kept_key: record(kept, 18190), third_key: record(third, 18192)}, r)
+        wait_for_health(health_url, 200, r)
+        assert view.revision(kept_key) == kept_revision
+        assert_log_is_clean(r)
+        assert_never_shown(r, password, ROOT_PASSWORD)
     finally:
         server.stop()
