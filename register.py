@@ -728,6 +728,12 @@ def log_event(level: int, message: str, **fields) -> None:
     log.log(level, message, extra={"fields": fields})
 
 
+def plain_word(text: object, limit: int = 200) -> str:
+    """A name from outside (an engine ID, a role) as one unquoted word: anything but visible ASCII
+    becomes `?`, so that it can neither forge a log line nor break a record."""
+    return re.sub(r"[^\x21-\x7e]", "?", str(text).strip())[:limit]
+
+
 def printable(text: object, limit: int = 200) -> str:
     """Text from outside (etcd keys and values, Docker's data) as it may go into one log line:
     quoted, escaped (a newline cannot forge a line) and cut to `limit` characters."""
@@ -1415,10 +1421,10 @@ class Registry:
         return {"registrar": VERSION, "started": self._started, "engine": self.engine_id}
 
     def _conflict(self, other: str, where: str) -> AddressConflict:
-        ip = self.config.host_ip
+        ip, other = self.config.host_ip, plain_word(other)
         return AddressConflict(
-            f"HOST_IP {ip} is claimed by two Docker engines: this one ({self.engine_id}) and {other}, "
-            f"whose registrar holds {where}; registering nothing and touching none of its keys until "
+            f"HOST_IP {ip} is claimed by two Docker engines: this one ({self.engine_id}) and {other}; "
+            f"its registrar holds {where}; registering nothing and touching none of its keys until "
             "one of the hosts is given another HOST_IP or the other registrar stops and its "
             f"{self.LIVENESS} expires (see the README, \"Two engines, one HOST_IP\")",
             ip, self.engine_id or "", other)
@@ -2095,7 +2101,7 @@ class EtcdV3Registry(Registry):
         try:
             answer = client.post(client.get_url("/auth/user/get"), json={"name": self.config.etcd_username},
                                  headers={"Authorization": self._token} if self._token else {})
-            return [printable(role, 64) for role in answer.get("roles") or []][:5]
+            return [plain_word(role, 64) for role in answer.get("roles") or []][:5]
         except Exception:  # a diagnosis only
             return []
 
@@ -2580,7 +2586,7 @@ class DockerEngine:
             engine = info.get("ID") if isinstance(info, dict) else None
             if not isinstance(engine, str) or not engine.strip():
                 raise EngineUnavailable(f"Docker at {self.address} named no engine ID (docker info: ID)")
-            self._engine_id = printable(engine.strip(), 200)
+            self._engine_id = plain_word(engine)
         return self._engine_id
 
     def running(self) -> list[dict]:

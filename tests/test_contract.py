@@ -335,7 +335,7 @@ def test_a_registry_of_another_engine_adopts_nothing_writes_nothing_and_clears_n
         other.prepare()
     where = f"{first.host_dir} on lease {first.lease:x}" if store.api == 3 else f"{first.host_dir}/_registrar"
     assert str(raised.value) == (
-        f"HOST_IP {HOST} is claimed by two Docker engines: this one (ENGINE:OTHER:2) and {ENGINE}, whose "
+        f"HOST_IP {HOST} is claimed by two Docker engines: this one (ENGINE:OTHER:2) and {ENGINE}; its "
         f"registrar holds {where}; registering nothing and touching none of its keys until one of the "
         "hosts is given another HOST_IP or the other registrar stops and its "
         f"{first.LIVENESS} expires (see the README, \"Two engines, one HOST_IP\")")
