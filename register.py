@@ -2810,6 +2810,7 @@ class Reconciler:
         self._bug_at = 0.0
         self._down: str | None = None  # what failed last, until it works again
         self.blocked: str | None = None  # what waits for an operator (RegistryBlocked), until it works
+        self._lost_streak = 0  # HostLost in a row, without a step that worked in between
         self._error_said = 0.0  # when an error that waits for an operator was last logged
         self.full_reconciles = 0
         self.reconciled_at: float | None = None  # monotonic time of the last full reconcile done
@@ -2906,8 +2907,12 @@ class Reconciler:
                 self._step()
             except ApiMismatch as exc:  # never fixes itself: the service exits, code 2
                 self._fail(str(exc))
-            except HostLost:
+            except HostLost as exc:
                 self._note_full(self._recreated())
+                self._lost_streak += 1
+                if self._lost_streak > 1:  # found lost again before anything worked: not at once
+                    # (two registrars of one engine, say, each rewriting the host key in turn)
+                    self._back_off(str(exc))
             except Unavailable as exc:
                 if isinstance(exc, RegistryUnavailable):
                     # A request that timed out may still have been applied, and etcd may have been
@@ -2946,6 +2951,7 @@ class Reconciler:
                       f"last cause: {self._down}", event="recovered")
             self._down = None
         self.blocked = None
+        self._lost_streak = 0
         self._failures.reset()
         if time.monotonic() - self._bug_at > 60:
             self._bugs.reset()

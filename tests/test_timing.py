@@ -573,3 +573,30 @@ def test_an_unexpected_error_that_recurs_backs_off_even_when_steps_succeed_in_be
     worker.run()
     assert waits == [0.5, 1, 2, 4, 8, 10]
     assert sum("unexpected error in the reconciler" in r.getMessage() for r in caplog.records) == 6
+
+
+def test_a_host_key_found_lost_again_and_again_backs_off_after_the_first_time(caplog):
+    """Two registrars of one engine rewrite the host key in turn, and each finds its guard broken:
+    the first loss is acted on at once, the ones after it wait, instead of a loop without end."""
+    waits = []
+
+    class Stop(threading.Event):
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            if len(waits) >= 4:
+                self.set()
+            return self.is_set()
+
+    class Guarded(FakeRegistry):
+        def read(self):
+            raise register.HostLost("host key /registered/10.0.0.1 no longer holds this registrar's record")
+
+    worker = reconciler(config(ttl=0), Guarded())
+    worker.stop = Stop()
+    worker._failures = RetrySchedule(jitter=None)
+    worker.set_events_connected(True)
+    worker.run()
+    assert waits == [0.5, 1, 2, 4]  # 5 losses: the first without a wait
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0] == (
+        "host key /registered/10.0.0.1 no longer holds this registrar's record; 0 container(s) "
+        "pending; retrying in 0.5 s")
