@@ -14,7 +14,7 @@ import pytest
 import requests
 import testbed
 from invariant import assert_log_is_clean
-from testbed import HOST, REGISTER, wait_until
+from testbed import HOST, REGISTER, health, wait_for_health, wait_until
 
 import register
 
@@ -75,10 +75,6 @@ def test_before_anything_happened():
 
 # -- a real registrar ------------------------------------------------------------------------------
 
-def health(url: str) -> tuple[int, dict]:
-    answer = requests.get(url, timeout=5)
-    assert answer.headers["Content-Type"] == "application/json"
-    return answer.status_code, answer.json()
 
 
 def healthcheck(port: int) -> subprocess.CompletedProcess:
@@ -94,23 +90,12 @@ def start_with_health(start, **settings):
     return registrar, port, f"http://127.0.0.1:{port}/healthz"
 
 
-def wait_for_status(url: str, status: int, timeout: float, registrar) -> dict:
-    seen = {}
-
-    def reached():
-        seen["last"] = health(url)
-        return seen["last"][0] == status
-    try:
-        wait_until(reached, timeout, f"/healthz to answer {status}", interval=0.1)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}; last answer {seen.get('last')}\n{registrar.log[-3000:]}") from None
-    return seen["last"][1]
 
 
 def test_healthy_then_docker_stopped_then_back(docker, registrar, prefix, api):
     docker.out("run", "-d", "--restart", "always", "-p", "80", testbed.BASE_IMAGE)
     r, port, url = start_with_health(registrar, ttl=6, resync=2)
-    body = wait_for_status(url, 200, 30, r)
+    body = wait_for_health(url, 200, 30, r, interval=0.1)
     assert body["status"] == "ok" and "reasons" not in body
     assert (body["host_ip"], body["etcd_api"], body["docker_events"], body["records"]) == (
         HOST, api, "connected", 1)
@@ -125,7 +110,7 @@ def test_healthy_then_docker_stopped_then_back(docker, registrar, prefix, api):
 
     docker.stop_daemon()
     stopped = time.monotonic()
-    body = wait_for_status(url, 503, 10, r)
+    body = wait_for_health(url, 503, 10, r, interval=0.1)
     said_after = time.monotonic() - stopped
     assert body["reasons"][0] == "Docker's event stream is not connected"
     assert body["docker_events"] == "disconnected"
@@ -138,7 +123,7 @@ def test_healthy_then_docker_stopped_then_back(docker, registrar, prefix, api):
                            for reason in health(url)[1].get("reasons", [])), 10, "the reconcile reason")
 
     docker.start_daemon()
-    body = wait_for_status(url, 200, 30, r)
+    body = wait_for_health(url, 200, 30, r, interval=0.1)
     assert body["docker_events"] == "connected" and body["records"] == 1
     assert healthcheck(port).returncode == 0
 
@@ -146,7 +131,7 @@ def test_healthy_then_docker_stopped_then_back(docker, registrar, prefix, api):
 def test_unhealthy_while_etcd_is_stopped_then_healthy_again(docker, registrar, prefix, own_etcd):
     docker.out("run", "-d", "-p", "80", testbed.BASE_IMAGE)
     r, port, url = start_with_health(registrar, ttl=3, resync=1, endpoint=own_etcd.endpoint)
-    wait_for_status(url, 200, 30, r)
+    wait_for_health(url, 200, 30, r, interval=0.1)
     own_etcd.stop()
     stopped = time.monotonic()
     # the full reconcile fails at once; its limit is 2 x RESYNC = 2 s, etcd's max(TTL, RESYNC) + 5 s
@@ -166,7 +151,7 @@ def test_unhealthy_while_etcd_is_stopped_then_healthy_again(docker, registrar, p
     assert checked.stdout.startswith("unhealthy (HTTP 503): etcd last answered ")
 
     own_etcd.start()
-    body = wait_for_status(url, 200, 30, r)
+    body = wait_for_health(url, 200, 30, r, interval=0.1)
     assert body["records"] == 1
     assert healthcheck(port).returncode == 0
 
@@ -189,7 +174,7 @@ def test_unhealthy_until_etcd_first_answers(docker, registrar, prefix):
 def test_a_stuck_client_does_not_block_the_health_server(docker, registrar, prefix):
     import socket
     r, port, url = start_with_health(registrar)
-    wait_for_status(url, 200, 30, r)
+    wait_for_health(url, 200, 30, r, interval=0.1)
     with socket.create_connection(("127.0.0.1", port)) as idle:  # says nothing
         idle.sendall(b"GET /hea")
         started = time.monotonic()
@@ -199,7 +184,7 @@ def test_a_stuck_client_does_not_block_the_health_server(docker, registrar, pref
 
 def test_the_health_json_is_one_short_line(docker, registrar, prefix):
     r, _, url = start_with_health(registrar)
-    wait_for_status(url, 200, 30, r)
+    wait_for_health(url, 200, 30, r, interval=0.1)
     text = requests.get(url, timeout=5).text
     assert text.endswith("}\n") and text.count("\n") == 1 and len(text) < 300
     assert json.loads(text)["status"] == "ok"
@@ -291,7 +276,7 @@ def threads_of(registrar) -> int:
 def test_clients_that_say_nothing_cannot_pile_up_threads_nor_hold_the_server(docker, registrar, prefix):
     import socket
     r, port, url = start_with_health(registrar)
-    wait_for_status(url, 200, 30, r)
+    wait_for_health(url, 200, 30, r, interval=0.1)
     before = threads_of(r)
     idle = []
     try:
@@ -328,17 +313,17 @@ def _answers(url: str) -> bool:
 def test_a_docker_that_hangs_is_named(docker, registrar, prefix):
     import signal
     r, _, url = start_with_health(registrar, ttl=60, resync=1)
-    wait_for_status(url, 200, 30, r)
+    wait_for_health(url, 200, 30, r, interval=0.1)
     docker.process.send_signal(signal.SIGSTOP)  # dockerd frozen: requests hang, the stream stays open
     try:
-        body = wait_for_status(url, 503, 20, r)
+        body = wait_for_health(url, 503, 20, r, interval=0.1)
         wait_until(lambda: any(reason.startswith("a request to Docker has been waiting ")
                                for reason in health(url)[1].get("reasons", [])), 15, "the Docker reason")
         body = health(url)[1]
         assert body["docker_events"] == "connected"
     finally:
         docker.process.send_signal(signal.SIGCONT)
-    wait_for_status(url, 200, 40, r)
+    wait_for_health(url, 200, 40, r, interval=0.1)
 
 
 def test_a_health_server_at_its_client_cap_says_it_is_busy(docker, registrar, prefix):
@@ -346,7 +331,7 @@ def test_a_health_server_at_its_client_cap_says_it_is_busy(docker, registrar, pr
     up; a probe meanwhile gets an answer that says why, not a closed connection."""
     import socket
     r, port, url = start_with_health(registrar)
-    wait_for_status(url, 200, 30, r)
+    wait_for_health(url, 200, 30, r, interval=0.1)
     idle = []
     try:
         held = time.monotonic()

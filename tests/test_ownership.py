@@ -19,10 +19,9 @@ from pathlib import Path
 
 import etcd
 import pytest
-import requests
 import testbed
 from invariant import NEXT_STEPS, assert_log_is_clean
-from testbed import BASE_IMAGE, HOST, Registrar, read_tree, wait_until
+from testbed import BASE_IMAGE, HOST, Registrar, health, read_tree, wait_for_health, wait_until
 
 import register
 
@@ -179,22 +178,8 @@ def entries(registrar: Registrar) -> list[dict]:
     return found
 
 
-def health(url: str) -> tuple[int, dict]:
-    answer = requests.get(url, timeout=5)
-    return answer.status_code, answer.json()
 
 
-def wait_for_health(url: str, status: int, timeout: float, registrar: Registrar) -> dict:
-    seen = {}
-
-    def reached():
-        seen["last"] = health(url)
-        return seen["last"][0] == status
-    try:
-        wait_until(reached, timeout, f"/healthz to answer {status}", interval=0.2)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}; last answer {seen.get('last')}\n{registrar.log[-4000:]}") from None
-    return seen["last"][1]
 
 
 def start_second(registrar, docker2, env: dict | None = None) -> tuple[Registrar, str]:

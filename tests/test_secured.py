@@ -24,7 +24,7 @@ import requests
 import store as stores
 import testbed
 from invariant import NEXT_STEPS, assert_log_is_clean, diff, expected_registry
-from testbed import BASE_IMAGE, HOST, REGISTER, Registrar, wait_until
+from testbed import BASE_IMAGE, HOST, REGISTER, Registrar, health, wait_for_health, wait_until
 
 import register
 
@@ -244,22 +244,8 @@ def assert_said_once_then_debug(registrar: Registrar, message: str) -> None:
 BLOCKED = "blocked until an operator acts: "  # how /healthz says an error that waits for an operator
 
 
-def health(url: str) -> tuple[int, dict]:
-    answer = requests.get(url, timeout=5)
-    return answer.status_code, answer.json()
 
 
-def wait_for_health(url: str, status: int, registrar: Registrar, timeout: float = 15) -> dict:
-    seen = {}
-
-    def reached():
-        seen["last"] = health(url)
-        return seen["last"][0] == status
-    try:
-        wait_until(reached, timeout, f"/healthz to answer {status}", interval=0.2)
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}; last answer {seen.get('last')}\n{registrar.log[-4000:]}") from None
-    return seen["last"][1]
 
 
 def the_error(registrar: Registrar) -> str:
@@ -486,7 +472,7 @@ def test_a_role_downgraded_to_read_while_running_keeps_the_lease_and_every_recor
     registered = {kept_key: record(kept, 18180), stopped_key: record(stopped, 18181)}
     converge(view, host_dir, registered, r)
     lease = assert_host_key(view, host_dir, 6, docker)
-    wait_for_health(url, 200, r)
+    wait_for_health(url, 200, 15, r)
     host_value, kept_revision = view.get(host_dir), view.revision(kept_key)
 
     as_root(server, "role", "revoke-permission", ROLE, f"{prefix}/", "--prefix")
@@ -515,7 +501,7 @@ def test_a_role_downgraded_to_read_while_running_keeps_the_lease_and_every_recor
 
     as_root(server, "role", "grant-permission", ROLE, "readwrite", f"{prefix}/", "--prefix")  # the fix
     converge(view, host_dir, {kept_key: record(kept, 18180), third_key: record(third, 18182)}, r)
-    wait_for_health(url, 200, r)
+    wait_for_health(url, 200, 15, r)
     assert view.lease_of(host_dir) == lease and view.get(host_dir) == host_value
     assert view.lease_of(third_key) == lease
     assert view.revision(kept_key) == kept_revision  # never written again
@@ -675,7 +661,7 @@ def test_v2_a_role_downgraded_to_read_while_running_is_said_to_be_the_role(docke
         kept_key, stopped_key = (f"{host_dir}/regtest::busybox:1/{cid}" for cid in (kept, stopped))
         registered = {kept_key: record(kept, 18190), stopped_key: record(stopped, 18191)}
         converge(view, host_dir, registered, r)
-        wait_for_health(health_url, 200, r)
+        wait_for_health(health_url, 200, 15, r)
         kept_revision = view.revision(kept_key)
 
         v2_auth(url, f"roles/{ROLE}", {"role": ROLE, "revoke": {"kv": {"write": allowed}}}, root)
@@ -699,7 +685,7 @@ def test_v2_a_role_downgraded_to_read_while_running_is_said_to_be_the_role(docke
         v2_auth(url, f"roles/{ROLE}", {"role": ROLE, "grant": {"kv": {"write": allowed}}}, root)  # the fix
         third_key = f"{host_dir}/regtest::busybox:1/{third}"
         converge(view, host_dir, {kept_key: record(kept, 18190), third_key: record(third, 18192)}, r)
-        wait_for_health(health_url, 200, r)
+        wait_for_health(health_url, 200, 15, r)
         assert view.revision(kept_key) == kept_revision
         assert_log_is_clean(r)
         assert_never_shown(r, password, ROOT_PASSWORD)

@@ -549,20 +549,26 @@ def test_a_quick_refusal_is_retried_after_a_short_backoff_not_in_a_loop():
     assert delays == [0.25, 0.5, 1.0, 10.0]
 
 
+class CountingStop(threading.Event):
+    """The reconciler's stop event, whose waits return at once and are counted; set after
+    `limit` of them, which ends run()."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit, self.waits = limit, []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        if len(self.waits) >= self.limit:
+            self.set()
+        return self.is_set()
+
+
 def test_an_unexpected_error_that_recurs_backs_off_even_when_steps_succeed_in_between(caplog):
     """A bug after a step's work was done (the wait itself failing) must still back off: the
     "recovered" of the step before it once reset the backoff, and the bug looped every 0.5 s."""
-    waits = []
-
-    class Stop(threading.Event):
-        def wait(self, timeout=None):
-            waits.append(timeout)
-            if len(waits) >= 6:
-                self.set()
-            return self.is_set()
-
     worker = reconciler(config(ttl=0))
-    worker.stop = Stop()
+    worker.stop = CountingStop(6)
     worker._bugs = RetrySchedule(jitter=None)
     worker.set_events_connected(True)
 
@@ -571,32 +577,23 @@ def test_an_unexpected_error_that_recurs_backs_off_even_when_steps_succeed_in_be
 
     worker._wait_for_work = broken_wait
     worker.run()
-    assert waits == [0.5, 1, 2, 4, 8, 10]
+    assert worker.stop.waits == [0.5, 1, 2, 4, 8, 10]
     assert sum("unexpected error in the reconciler" in r.getMessage() for r in caplog.records) == 6
 
 
 def test_a_host_key_found_lost_again_and_again_backs_off_after_the_first_time(caplog):
     """Two registrars of one engine rewrite the host key in turn, and each finds its guard broken:
     the first loss is acted on at once, the ones after it wait, instead of a loop without end."""
-    waits = []
-
-    class Stop(threading.Event):
-        def wait(self, timeout=None):
-            waits.append(timeout)
-            if len(waits) >= 4:
-                self.set()
-            return self.is_set()
-
     class Guarded(FakeRegistry):
         def read(self):
             raise register.HostLost("host key /registered/10.0.0.1 no longer holds this registrar's record")
 
     worker = reconciler(config(ttl=0), Guarded())
-    worker.stop = Stop()
+    worker.stop = CountingStop(4)
     worker._failures = RetrySchedule(jitter=None)
     worker.set_events_connected(True)
     worker.run()
-    assert waits == [0.5, 1, 2, 4]  # 5 losses: the first without a wait
-    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING][0] == (
+    assert worker.stop.waits == [0.5, 1, 2, 4]  # 5 losses: the first without a wait
+    assert warnings(caplog)[0] == (
         "host key /registered/10.0.0.1 no longer holds this registrar's record; 0 container(s) "
         "pending; retrying in 0.5 s")

@@ -477,6 +477,29 @@ class Registrar:
         end(self.process, signal.SIGKILL)
 
 
+def health(url: str) -> tuple[int, dict]:
+    """GET a registrar's /healthz: (status, body)."""
+    answer = requests.get(url, timeout=5)
+    assert answer.headers["Content-Type"] == "application/json"
+    return answer.status_code, answer.json()
+
+
+def wait_for_health(url: str, status: int, timeout: float, registrar: Registrar,
+                    interval: float = 0.2) -> dict:
+    """Poll /healthz until it answers `status`; its body. On a timeout, the last answer and the
+    registrar's log say why."""
+    seen = {}
+
+    def reached():
+        seen["last"] = health(url)
+        return seen["last"][0] == status
+    try:
+        wait_until(reached, timeout, f"/healthz to answer {status}", interval=interval)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; last answer {seen.get('last')}\n{registrar.log[-4000:]}") from None
+    return seen["last"][1]
+
+
 def read_tree(client: etcd.Client | store_module.Store, key: str) -> dict[str, str]:
     """Every leaf below `key` (key -> value), {} when `key` does not exist."""
     if isinstance(client, store_module.Store):
