@@ -24,11 +24,11 @@ pytestmark = pytest.mark.integration
 # -- the report's limits, exactly (a clock of the test's own; plain objects for its inputs) -------
 
 def report_at(now: float, *, connected=True, answered=None, reconciled=None, ttl=60, resync=30,
-              error=None, docker_waiting=None):
+              error=None, docker_waiting=None, blocked=None):
     config = register.load_config([], {"ETCD_ENDPOINT": "127.0.0.1:2379", "HOST_IP": HOST,
                                        "REGISTER_TTL": str(ttl), "REGISTER_RESYNC": str(resync)})
     reconciler = SimpleNamespace(events_connected=connected, reconciled_at=reconciled, last_error=error,
-                                 known={"a": None, "b": None})
+                                 known={"a": None, "b": None}, blocked=blocked)
     registry = SimpleNamespace(answered_at=answered)
     engine = SimpleNamespace(waiting_since=lambda: docker_waiting)
     return register.Health(config, reconciler, registry, engine, clock=lambda: now).report()
@@ -62,6 +62,16 @@ def test_a_docker_request_that_hangs_is_a_reason():
     assert report_at(100.0, answered=99.0, reconciled=99.0, docker_waiting=95.0)[0] is True
     assert report_at(100.0, answered=99.0, reconciled=99.0, docker_waiting=94.5)[1]["reasons"] == [
         "a request to Docker has been waiting 5.5 s"]
+
+
+def test_a_registry_that_answers_and_refuses_is_unhealthy_at_once():
+    """etcd answers (within its limit), the last full reconcile is recent, and still nothing can
+    be written: a permission taken away, another engine on this HOST_IP."""
+    cause = ("etcd refused a request for '/registered/10.0.0.1/x': etcdserver: permission denied (gRPC "
+             "code 7); the role of etcd user 'registrar' (registrar) needs readwrite on /registered/")
+    healthy, body = report_at(100.0, answered=99.0, reconciled=98.0, blocked=cause, error=cause)
+    assert (healthy, body["reasons"], body["last_error"]) == (
+        False, [f"blocked until an operator acts: {cause}"], cause)
 
 
 def test_before_anything_happened():
