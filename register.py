@@ -1452,6 +1452,29 @@ class Registry:
         raise NotImplementedError
 
 
+STARTED_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+ENGINE_RE = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def _owner_json(text: object) -> dict | None:
+    """{"registrar", "started", "engine"} of an owner record (v3 host key, v2 _registrar), None
+    for anything else: found in etcd, it may be junk of any size, depth or type. "engine" is None
+    in a record of a version from before engines were recorded."""
+    if not isinstance(text, str) or len(text) > 4096:
+        return None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(value, dict):
+        return None
+    registrar, started, engine = value.get("registrar"), value.get("started"), value.get("engine")
+    if not (isinstance(registrar, str) and isinstance(started, str) and STARTED_RE.fullmatch(started)
+            and (engine is None or (isinstance(engine, str) and ENGINE_RE.fullmatch(engine)))):
+        return None
+    return {"registrar": plain_word(registrar, 40), "started": started, "engine": engine}
+
+
 def _where(lacking: list[tuple[str, str]]) -> str:
     return ", ".join(f"{url} (etcd {version})" if version[:1].isdigit() else f"{url} ({version})"
                      for url, version in lacking)
@@ -1479,6 +1502,9 @@ class EtcdV2Registry(Registry):
         self.owner_key = f"{self.host_dir}/_registrar"
         self._claimed = False  # the owner key holds this registrar's record, as last seen
         self._prepared_once = False  # the directory was found or made: there is one to refresh
+        # the directory's createdIndex when it was made or found: a refresh that finds another one
+        # found a directory made anew meanwhile (by a child write, or by another registrar)
+        self._dir_created: int | None = None
 
     def _accept(self, endpoint: Endpoint, version: str) -> None:
         if self.ttl and re.match(r"3\.([5-9]|[1-9][0-9])\.", version):  # said before any write
@@ -1621,13 +1647,8 @@ class EtcdV2Registry(Registry):
             return None
 
     def _owner_record(self, node) -> dict | None:
-        try:
-            value = json.loads(node.value)
-            if isinstance(value["registrar"], str) and isinstance(value.get("engine"), str):
-                return value
-        except (TypeError, KeyError, ValueError, AttributeError):
-            pass
-        return None
+        value = _owner_json(node.value)
+        return value if value is not None and value["engine"] is not None else None
 
     def _check_owner(self, node) -> None:
         """Raises AddressConflict when the owner key names another engine: it lives as long as
@@ -1635,7 +1656,8 @@ class EtcdV2Registry(Registry):
         record = self._owner_record(node) if node is not None and not node.dir else None
         other = record["engine"] if record else None
         if other and other != self.engine_id:
-            self._claimed = False
+            with self._lock:  # not this registrar's to keep alive any more
+                self._claimed, self._prepared_once, self._ready = False, False, False
             raise self._conflict(other, self.owner_key)
         if record is not None:
             self._started = self._started or record.get("started")
@@ -1659,8 +1681,8 @@ class EtcdV2Registry(Registry):
                     self.delete_tree(self.owner_key)
                     continue
                 else:  # something else in its place: replaced, if it is still there
-                    self._write(self.owner_key, lambda c, k, v=value, old=node.value: c.write(
-                        k, v, prevValue=old), found=True)
+                    self._write(self.owner_key, lambda c, k, v=value, old=node.modifiedIndex: c.write(
+                        k, v, prevIndex=old), found=True)
             except (etcd.EtcdAlreadyExist, etcd.EtcdCompareFailed, etcd.EtcdKeyNotFound):
                 continue
             self._claimed = True
@@ -1670,8 +1692,9 @@ class EtcdV2Registry(Registry):
     def _ensure_ttl_dir(self) -> bool:
         for _ in range(3):  # the directory may expire, or an operator act, between two requests
             try:
-                self._write(self.host_dir, lambda c, k: c.write(k, None, dir=True, ttl=self.ttl,
-                                                                prevExist=False), host_dir=True)
+                made = self._write(self.host_dir, lambda c, k: c.write(k, None, dir=True, ttl=self.ttl,
+                                                                       prevExist=False), host_dir=True)
+                self._dir_created = getattr(made, "createdIndex", None)
                 return True
             except etcd.EtcdAlreadyExist:
                 pass
@@ -1685,6 +1708,7 @@ class EtcdV2Registry(Registry):
                 if not node.dir:
                     self._replace_plain_host_value()
                     continue
+                self._dir_created = getattr(node, "createdIndex", None)
                 if node.ttl is None:  # re-created by a child write, or left by a run with TTL 0
                     self._write(self.host_dir, lambda c, k: c.write(k, None, dir=True, ttl=self.ttl,
                                                                     prevExist=True), host_dir=True)
@@ -1776,11 +1800,13 @@ class EtcdV2Registry(Registry):
             return f"host directory {self.host_dir} had been replaced by a plain value"
         if previous is None or previous.ttl is None:
             return self._found_lost()
+        if self._dir_created is not None and getattr(previous, "createdIndex", None) != self._dir_created:
+            return self._found_lost()  # made anew meanwhile: whose it is now is looked at again
         return None
 
     def _found_lost(self) -> str:
         with self._lock:
-            self._ready, self._lost = False, "had expired or lost its TTL"
+            self._ready, self._lost, self._claimed = False, "had expired or lost its TTL", False
         return f"host directory {self.host_dir} had expired or lost its TTL"
 
     def _refresh_request(self, client: etcd.Client, key: str, timeout: float):
@@ -1798,6 +1824,10 @@ class EtcdV2Registry(Registry):
             top = self._call(lambda c: c.read(self.host_dir, recursive=True), self.host_dir)
         except (etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
             self._dirs, self._claimed = set(), False
+            if self.ttl:  # gone: made anew, with its TTL, before anything is written below it
+                with self._lock:
+                    self._ready = False
+                raise HostLost(f"host directory {self.host_dir} was gone") from None
             return Records({})
         if not top.dir:  # a plain value in the directory's place: prepare() replaces it
             with self._lock:
@@ -2207,14 +2237,9 @@ class EtcdV3Registry(Registry):
         """{"registrar", "started", "engine" (None before engines were recorded)} when the host
         key holds a registrar's record."""
         try:
-            value = json.loads(_unb64(kv["value"], "strict"))
-            engine = value.get("engine")
-            if (isinstance(value["registrar"], str) and isinstance(value["started"], str)
-                    and isinstance(engine, (str, type(None)))):
-                return {"registrar": value["registrar"], "started": value["started"], "engine": engine}
+            return _owner_json(_unb64(kv["value"], "strict"))
         except (TypeError, KeyError, ValueError, AttributeError):
-            pass
-        return None
+            return None
 
     def _is_own(self, kv: dict | None) -> bool:
         """The host key holds exactly what this registrar writes there now."""
@@ -2301,8 +2326,8 @@ class EtcdV3Registry(Registry):
         if adoptable:
             self._say_foreign(candidate, keys, "on exit this registrar deletes its own keys one by one "
                               "and leaves the lease to expire")
-            with self._lock:
-                self.lease = candidate
+            with self._lock:  # alive after all: whatever was taken for its loss was not one
+                self.lease, self._lost = candidate, None
             if record is not None and on_lease == candidate:
                 self._started = record["started"]
             self._started = self._started or _now()
@@ -2359,11 +2384,18 @@ class EtcdV3Registry(Registry):
         except (requests.RequestException, OSError, ValueError) as exc:
             raise self._beat_failed(describe(exc)) from exc
         body = body if isinstance(body, dict) else {}
-        if answer.status_code == 200:
+        result = body.get("result")
+        if answer.status_code == 200 and isinstance(result, dict):
+            try:
+                left = int(result.get("TTL", 0))
+            except (TypeError, ValueError):
+                raise self._beat_failed(f"an answer without a TTL: {printable(answer.text, 100)}") from None
             self._answered()
-            if int((body.get("result") or {}).get("TTL", 0)) > 0:
+            if left > 0:
                 return None
             why = "its keepalive was answered with TTL 0"
+        elif answer.status_code == 200:  # no answer of etcd's: nothing is known of the lease
+            raise self._beat_failed(f"an answer that is not etcd's: {printable(answer.text, 100)}")
         elif "lease not found" in str(body.get("message")):
             self._answered()
             why = "its keepalive was answered \"lease not found\""
@@ -2493,6 +2525,10 @@ class EtcdV3Registry(Registry):
             {"request_delete_range": {"key": _b64(start), "range_end": _b64(_range_end(start))}},
             {"request_delete_range": {"key": _b64(self.host_dir)}}]}, self.host_dir, final=True)
         if not answer.get("succeeded"):
+            if self._get(self.host_dir) is None:  # the lease went, and the keys with it
+                log_event(logging.INFO, f"nothing left to delete under {start} on exit: the lease had "
+                          "expired or been revoked", event="deregister_skipped")
+                return True
             log_event(logging.WARNING, f"not deleting {start} on exit: its host key no longer holds this "
                       "registrar's record (another registrar or an operator changed it); it is left as "
                       "it is", event="deregister_skipped")
@@ -2500,12 +2536,16 @@ class EtcdV3Registry(Registry):
         with self._lock:
             lease, self.lease = self.lease, None
         if lease:
-            left, _, keys = self._lease_ttl(lease, final=True)
-            if left > 0 and not self._say_foreign(lease, keys, "this registrar's own keys are deleted; "
-                                                  "the lease is not revoked, and expires with them "
-                                                  f"within {self.ttl} s"):
-                with contextlib.suppress(LeaseGone):  # gone already: so are the keys on it
-                    self._post("/lease/revoke", {"ID": str(lease)}, f"lease {lease:x}", final=True)
+            try:
+                left, _, keys = self._lease_ttl(lease, final=True)
+                if left > 0 and not self._say_foreign(lease, keys, "this registrar's own keys are "
+                                                      "deleted; the lease is not revoked, and expires "
+                                                      f"with them within {self.ttl} s"):
+                    with contextlib.suppress(LeaseGone):  # gone already: so are the keys on it
+                        self._post("/lease/revoke", {"ID": str(lease)}, f"lease {lease:x}", final=True)
+            except Unavailable as exc:  # the keys are gone: the lease only expires by itself
+                log_event(logging.WARNING, f"deleted {start} on exit, but lease {lease:x} could not be "
+                          f"revoked ({exc}); it expires with its TTL", event="revoke_failed")
         return True
 
 
@@ -2657,6 +2697,8 @@ class Heartbeat:
         self._timer = Timer(self.interval, due_now=False)
         self._retries = RetrySchedule(first=0.25, cap=max(0.5, self.interval / 4))
         self._live = False  # there is a liveness to keep (made or adopted by the reconciler)
+        self._generation = 0  # how many times the reconciler renewed it: a loss found by an attempt
+        # made before the latest renewal concerns the liveness that renewal replaced
         self._window_end: float | None = None  # when the interval of the attempts under way ends
         self.failures = 0  # attempts failed since the last one etcd answered
         self.beat_at: float | None = None  # monotonic time the liveness was last extended
@@ -2666,6 +2708,7 @@ class Heartbeat:
         TTL/3) or adopted one from a run before (it may have little left: at once)."""
         with self._cond:
             self._live = True
+            self._generation += 1
             if adopted:
                 self._timer.expire()
             else:
@@ -2676,6 +2719,12 @@ class Heartbeat:
     def wake(self) -> None:
         with self._cond:
             self._cond.notify_all()
+
+    @property
+    def live(self) -> bool:
+        """There is a liveness to keep: False from a loss until the reconciler renews it."""
+        with self._cond:
+            return self._live
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -2691,7 +2740,7 @@ class Heartbeat:
                 return None
             if not self._timer.due():
                 return self._timer.remaining()
-            due_at = self._timer.due_at
+            due_at, generation = self._timer.due_at, self._generation
         if not self._vouch():
             return None  # Docker is back: set_events_connected wakes this thread
         now = time.monotonic()
@@ -2718,6 +2767,8 @@ class Heartbeat:
         self.failures, self._window_end = 0, None
         self._retries.reset()
         with self._cond:
+            if generation != self._generation:
+                return 0.0  # renewed meanwhile: this answer was about the liveness it replaced
             self._timer.restart()
             if lost:
                 self._live = False  # until the reconciler makes it anew
@@ -2971,7 +3022,7 @@ class Reconciler:
                 return
             self.registry.engine_id = self.engine.engine_id()
         recreated = self.registry.prepare()
-        if self.heartbeat is not None and (recreated or not self._prepared):
+        if self.heartbeat is not None and (recreated or not self._prepared or not self.heartbeat.live):
             # adopted from a run before, it may have less than TTL/3 left: refreshed as soon as
             # Docker vouches for the records; a new one has its whole TTL
             self.heartbeat.renewed(adopted=not self.registry.granted_new)

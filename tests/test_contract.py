@@ -9,7 +9,10 @@ everything.
 """
 from __future__ import annotations
 
+import base64
 import itertools
+import json
+import re
 import signal
 import time
 import urllib.parse
@@ -347,3 +350,77 @@ def test_a_registry_of_another_engine_adopts_nothing_writes_nothing_and_clears_n
     assert other.prepare() is True
     apply(other, puts=[(record_key(other, 7), '"7"')])
     assert store.records(other.host_dir) == {record_key(other, 7): '"7"'}
+
+
+def owner_key(registry: register.Registry) -> str:
+    """Where the owner of the address is recorded: the v3 host key, the v2 hidden key."""
+    return registry.host_dir if registry.API == 3 else f"{registry.host_dir}/_registrar"
+
+
+def raw_put(server, store: stores.Store, key: str, value: bytes) -> None:
+    """A value as an operator or an attacker may write it: any bytes, any size."""
+    if store.api == 3:
+        store.call("kv/put", {"key": register._b64(key), "value": base64.b64encode(value).decode()})
+    else:
+        answer = requests.put(f"{server.url}/v2/keys{key}", data={"value": value}, timeout=5)
+        assert answer.status_code in (200, 201), answer.text
+
+
+JUNK = {"not UTF-8": b"\xff\xfe{\x80", "deeply nested": b"[" * 100_000, "a JSON list": b"[1, 2]",
+        "a forged log line": b'{"registrar":"1.0.0","started":"T\\n2026-12-04T00:00:00.000Z error   FORGED",'
+                             b'"engine":"X"}',
+        "a megabyte": b'{"registrar":"1.0.0","started":"' + b"9" * 1_000_000 + b'","engine":"X"}',
+        "an engine that is no word": b'{"registrar":"1.0.0","started":"2026-01-01T00:00:00Z","engine":"a b"}'}
+
+
+@pytest.mark.parametrize("junk", list(JUNK), ids=list(JUNK))
+def test_junk_where_the_owner_is_recorded_is_replaced_by_this_registrars_record(server, make, store,
+                                                                                 junk, caplog):
+    registry = make(ttl=30)
+    raw_put(server, store, owner_key(registry), JUNK[junk])
+    assert registry.prepare() is True
+    apply(registry, puts=[(record_key(registry, 1), "one")])
+    value = json.loads(store.get(owner_key(registry)))
+    assert value == {"registrar": register.VERSION, "started": value["started"], "engine": ENGINE}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", value["started"])
+    assert store.records(registry.host_dir) == {record_key(registry, 1): "one"}
+    assert "FORGED" not in caplog.text and all("\n" not in r.getMessage() for r in caplog.records)
+
+
+def test_a_heartbeat_that_finds_the_host_directory_made_anew_says_it_was_lost(make, store):
+    """An operator's `rm -r`, then a record write that made the directory again (without a TTL,
+    which the refresh then gives it): the refresh succeeds, on a directory that is not the one
+    this registrar made, and whose owner is to be looked at again."""
+    if store.api != 2:
+        pytest.skip("v3 has no directories: a lease lost is answered TTL 0")
+    registry = make(ttl=30)
+    registry.prepare()
+    store.delete(registry.host_dir)
+    store.put(record_key(registry, 1), "one")  # what a put of the reconciler's would do now
+    assert registry.heartbeat(2.0) == f"host directory {registry.host_dir} had expired or lost its TTL"
+    assert registry.prepare() is False  # the directory is there, with its TTL: it is claimed again
+    assert json.loads(store.get(owner_key(registry)))["engine"] == ENGINE
+    assert registry.heartbeat(2.0) is None
+
+
+def test_a_read_that_finds_the_host_directory_gone_makes_it_anew_before_any_write(make, store):
+    if store.api != 2:
+        pytest.skip("v3: the guard of every transaction is the host key")
+    registry = make(ttl=30)
+    registry.prepare()
+    store.delete(registry.host_dir)
+    with pytest.raises(register.HostLost):
+        registry.read()
+    assert registry.prepare() is True
+    assert 0 < store.liveness(registry.host_dir) <= 30
+
+
+def test_clear_after_the_lease_went_says_nothing_was_left(make, store, caplog):
+    if store.api != 3:
+        pytest.skip("v2: the directory's delete is not guarded")
+    registry = make(ttl=30)
+    registry.prepare()
+    store.revoke(registry.lease)
+    assert registry.clear() is True
+    assert [r.getMessage() for r in caplog.records if r.fields.get("event") == "deregister_skipped"] == [
+        f"nothing left to delete under {registry.host_dir}/ on exit: the lease had expired or been revoked"]
