@@ -16,6 +16,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -45,10 +46,36 @@ def docker_cli() -> str:
     return "/usr/bin/docker" if os.path.exists("/usr/bin/docker") else "docker"
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port that is free now and stays so until a server of the test bed listens on
+    it: below the kernel's ephemeral range (a port the kernel hands out for bind(0) is also the
+    source port of the next outgoing connection, and with hundreds of registrar connections an
+    etcd member once found its port taken and exited), never the same one twice in a session."""
+    low = _ephemeral_range()[0]
+    candidates = list(range(max(1024, low - 12000), low))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates:
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
