@@ -9,7 +9,8 @@ is always computed from Docker's and etcd's current state, so lost, duplicated o
 are harmless, and a periodic full reconcile repairs whatever drifted.
 
 Sections, in reading order: configuration, logging, records (pure), retry schedule, registry
-(etcd), engine (Docker), reconciler, event stream, health, main.
+(etcd), engine (Docker), liveness (the heartbeat, on its own thread), reconciler, event stream,
+health, main.
 """
 from __future__ import annotations
 
