@@ -1253,7 +1253,6 @@ class Registry:
         self._client = None  # the current endpoint's client (_connection)
         self._ready = False  # the liveness was found in place since the last failure
         self.engine_id: str | None = None  # the Docker engine this registrar speaks for
-        self.version: str | None = None  # etcd's version at the endpoint the API check chose
         self.granted_new = False  # the last prepare made the liveness anew: its whole TTL ahead
         self._lost: str | None = None  # why the liveness was found lost: said when it is made anew
         # The heartbeat's own endpoint and client: it fails over on its own, within its interval,
@@ -1335,7 +1334,6 @@ class Registry:
                     self._accept(endpoint, detail)
                     self._answered()
                     self._current = self._beat_index = index
-                    self.version = detail
                     self._api_checked = True
                     for url, cause in down:
                         log_event(logging.WARNING, f"etcd at {url} failed: {cause}; using {endpoint.url}",
@@ -1364,8 +1362,7 @@ class Registry:
                 return "lacks", "not etcd"  # something else listens there: it never fixes itself
             answer = self._probe_api(session, endpoint)
         except (requests.RequestException, OSError) as exc:
-            return "down", describe(exc) + (self._leaderless(endpoint.url) if isinstance(
-                exc, requests.Timeout) else "")
+            return "down", self._failure(endpoint.url, exc)
         if answer.status_code == 404:
             return "lacks", version
         if answer.status_code >= 500:
@@ -1386,6 +1383,11 @@ class Registry:
         so that a configuration that can never work exits at once."""
         if not self._api_checked:
             self._check_api()
+
+    def _failure(self, url: str, exc: BaseException) -> str:
+        """Why a request to `url` failed; after a timeout, whether the member has a leader."""
+        cause = describe(exc)
+        return cause + self._leaderless(url) if "timed out" in cause else cause
 
     def _leaderless(self, url: str) -> str:
         """Said after a request to `url` timed out: a member that lost its leader holds every write
@@ -1417,9 +1419,11 @@ class Registry:
         """What keeps this host's keys alive, named for a log line."""
         return f"{self.LIVENESS} {self.host_dir}"
 
-    def _owner_value(self) -> dict:
-        """What this registrar writes where the owner of the address is recorded."""
-        return {"registrar": VERSION, "started": self._started, "engine": self.engine_id}
+    def _owner_text(self) -> str:
+        """What this registrar writes where the owner of the address is recorded (v3: the host
+        key; v2: the hidden _registrar key)."""
+        return json.dumps({"registrar": VERSION, "started": self._started, "engine": self.engine_id},
+                          separators=(",", ":"))
 
     def _conflict(self, other: str, where: str) -> AddressConflict:
         ip, other = self.config.host_ip, plain_word(other)
@@ -1509,11 +1513,20 @@ class EtcdV2Registry(Registry):
 
     def _accept(self, endpoint: Endpoint, version: str) -> None:
         if self.ttl and re.match(r"3\.([5-9]|[1-9][0-9])\.", version):  # said before any write
-            raise ApiMismatch(
-                f"etcd at {endpoint.url} (etcd {version}) cannot change a directory's TTL through its v2 "
-                "API (etcd 3.5 answers \"Raft Internal Error: Not a file\", etcd-io/etcd#13589), so "
-                f"{self.host_dir} could not be kept alive; set ETCD_API=3 (--etcd-api 3), or "
-                "REGISTER_TTL=0 to register without a TTL")
+            raise self._no_directory_ttl(f"{endpoint.url} (etcd {version})")
+
+    def _no_directory_ttl(self, where: str) -> ApiMismatch:
+        """etcd 3.5's v2 API: found from its version at the API check, and, should a later 3.5 not
+        say so, from its answer to a refresh. It never fixes itself."""
+        return ApiMismatch(
+            f"etcd at {where} cannot change a directory's TTL through its v2 API (etcd 3.5 answers "
+            "\"Raft Internal Error: Not a file\", etcd-io/etcd#13589), so "
+            f"{self.host_dir} could not be kept alive; set ETCD_API=3 (--etcd-api 3), or REGISTER_TTL=0 "
+            "to register without a TTL")
+
+    @staticmethod
+    def _is_no_directory_ttl(payload: dict) -> bool:
+        return payload.get("errorCode") == 300 and "Not a file" in str(payload.get("cause"))
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
         auth = (self.config.etcd_username, self._password()) if self.config.etcd_username else None
@@ -1550,12 +1563,8 @@ class EtcdV2Registry(Registry):
         except etcd.EtcdException as exc:
             payload = exc.payload if isinstance(exc.payload, dict) else {}
             status = payload.get("status")
-            if payload.get("errorCode") == 300 and "Not a file" in str(payload.get("cause")):
-                raise ApiMismatch(  # etcd 3.5's v2 API: it never fixes itself
-                    f"etcd at {client.base_uri} cannot change a directory's TTL through its v2 API "
-                    "(etcd 3.5 answers \"Raft Internal Error: Not a file\", etcd-io/etcd#13589), so "
-                    f"{self.host_dir} cannot be kept alive; set ETCD_API=3 (--etcd-api 3), or "
-                    "REGISTER_TTL=0 to register without a TTL") from exc
+            if self._is_no_directory_ttl(payload):
+                raise self._no_directory_ttl(client.base_uri) from exc
             if status == 401 and write and self.config.etcd_username and self._may_read(client):
                 # v2 says 401 to a wrong password and to a role without write access alike: the
                 # same credentials read the host directory, so they are right and the role is not
@@ -1582,17 +1591,12 @@ class EtcdV2Registry(Registry):
                     f"what etcd lets this client do under {self.scope.prefix}/ (permissions, "
                     "limits)") from exc
             self._failed(client)
-            cause = self._cause(client, exc)
+            cause = self._failure(client.base_uri, exc)
             raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {cause}") from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             self._failed(client)
-            cause = self._cause(client, exc)
+            cause = self._failure(client.base_uri, exc)
             raise RegistryUnavailable(f"etcd at {client.base_uri} failed: {cause}") from exc
-
-    def _cause(self, client: etcd.Client, exc: BaseException) -> str:
-        """Why a request failed; after a timeout, whether the member has a leader."""
-        cause = describe(exc)
-        return cause + self._leaderless(client.base_uri) if "timed out" in cause else cause
 
     def _may_read(self, client: etcd.Client) -> bool:
         """These credentials may read the host directory (it need not exist)."""
@@ -1651,29 +1655,30 @@ class EtcdV2Registry(Registry):
         value = _owner_json(node.value)
         return value if value is not None and value["engine"] is not None else None
 
-    def _check_owner(self, node) -> None:
-        """Raises AddressConflict when the owner key names another engine: it lives as long as
-        the directory around it, which that engine's registrar keeps alive."""
+    def _check_owner(self, node) -> dict | None:
+        """This engine's owner record (None when there is no registrar's record there); raises
+        AddressConflict when the owner key names another engine: it lives as long as the
+        directory around it, which that engine's registrar keeps alive."""
         record = self._owner_record(node) if node is not None and not node.dir else None
-        other = record["engine"] if record else None
-        if other and other != self.engine_id:
+        if record is None:
+            return None
+        if record["engine"] != self.engine_id:
             with self._lock:  # not this registrar's to keep alive any more
                 self._claimed, self._prepared_once, self._ready = False, False, False
-            raise self._conflict(other, self.owner_key)
-        if record is not None:
-            self._started = self._started or record.get("started")
+            raise self._conflict(record["engine"], self.owner_key)
+        self._started = self._started or record["started"]
+        return record
 
     def _claim(self) -> None:
         """The owner key holds this registrar's record, written only where there was none (or no
         registrar's): of two registrars that claim one address at once, one wins."""
         for _ in range(3):
             node = self._owner_node()
-            self._check_owner(node)
-            if node is not None and not node.dir and self._owner_record(node) is not None:
+            if self._check_owner(node) is not None:
                 self._claimed = True  # this engine's (a restarted registrar)
                 return
             self._started = self._started or _now()
-            value = json.dumps(self._owner_value(), separators=(",", ":"))
+            value = self._owner_text()
             try:
                 if node is None:
                     self._write(self.owner_key, lambda c, k, v=value: c.write(k, v, prevExist=False),
@@ -1786,10 +1791,8 @@ class EtcdV2Registry(Registry):
             return self._found_lost()
         except etcd.EtcdException as exc:
             payload = exc.payload if isinstance(exc.payload, dict) else {}
-            if payload.get("errorCode") == 300 and "Not a file" in str(payload.get("cause")):
-                raise ApiMismatch(f"etcd at {self._beat_client.base_uri} cannot change a directory's TTL "
-                                  "through its v2 API (etcd-io/etcd#13589); set ETCD_API=3 (--etcd-api "
-                                  "3), or REGISTER_TTL=0 to register without a TTL") from exc
+            if self._is_no_directory_ttl(payload):
+                raise self._no_directory_ttl(self._beat_client.base_uri) from exc
             raise self._beat_failed(describe(exc)) from exc
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise self._beat_failed(describe(exc)) from exc
@@ -1835,9 +1838,8 @@ class EtcdV2Registry(Registry):
                 self._ready = False
             self._dirs, self._claimed = set(), False
             return Records({})
-        owner = self._owner_node()  # hidden: the recursive read does not show it
-        self._check_owner(owner)
-        self._claimed = owner is not None and not owner.dir and self._owner_record(owner) is not None
+        # hidden: the recursive read does not show it
+        self._claimed = self._check_owner(self._owner_node()) is not None
         leaves, dirs = {}, set()
         for node in top.get_subtree():
             if node.key == self.host_dir:
@@ -2077,8 +2079,7 @@ class EtcdV3Registry(Registry):
                 self._refusal(client, exc, code, message, about, record)
             except (requests.RequestException, OSError) as exc:
                 self._failed(client)
-                cause = describe(exc) + (self._leaderless(client.base_url)
-                                         if isinstance(exc, requests.Timeout) else "")
+                cause = self._failure(client.base_url, exc)
                 raise RegistryUnavailable(f"etcd at {client.base_url} failed: {cause}") from exc
         raise AssertionError("unreachable")
 
@@ -2121,9 +2122,8 @@ class EtcdV3Registry(Registry):
                        "(permissions, limits)")
             raise RegistryBlocked(f"etcd refused a request for {printable(about)}: {reason}; {fix}") from exc
         self._failed(client)
-        cause = describe(exc) if code is None else message  # no answer: the connection's words
-        if isinstance(exc, etcd3gw.exceptions.ConnectionTimeoutError):
-            cause += self._leaderless(client.base_url)
+        # no answer: the connection's words (and, after a timeout, whether the member has a leader)
+        cause = self._failure(client.base_url, exc) if code is None else message
         raise RegistryUnavailable(f"etcd at {client.base_url} failed: {cause}") from exc
 
     def _roles(self, client: etcd3gw.Etcd3Client) -> list[str]:
@@ -2230,9 +2230,6 @@ class EtcdV3Registry(Registry):
             lease = self.lease
         return f"lease {lease:x} of {self.host_dir}" if lease else f"the lease of {self.host_dir}"
 
-    def _host_value(self) -> str:
-        return json.dumps(self._owner_value(), separators=(",", ":"))
-
     @staticmethod
     def _host_record(kv: dict | None) -> dict | None:
         """{"registrar", "started", "engine" (None before engines were recorded)} when the host
@@ -2244,7 +2241,7 @@ class EtcdV3Registry(Registry):
 
     def _is_own(self, kv: dict | None) -> bool:
         """The host key holds exactly what this registrar writes there now."""
-        return kv is not None and _unb64(kv.get("value")) == self._host_value()
+        return kv is not None and _unb64(kv.get("value")) == self._owner_text()
 
     def _lease_ttl(self, lease: int, final: bool = False) -> tuple[int, int, list[str]]:
         """(seconds left, TTL it was granted with, its keys); seconds left is -1 when it is gone."""
@@ -2314,7 +2311,7 @@ class EtcdV3Registry(Registry):
             intact = not on_lease and self._is_own(kv)
             if not intact:
                 self._put_host_key(kv)
-            self._host_stored = self._host_value()
+            self._host_stored = self._owner_text()
             self._ready, self.granted_new = True, False
             return not intact
         with self._lock:
@@ -2335,7 +2332,7 @@ class EtcdV3Registry(Registry):
             intact = on_lease == candidate and self._is_own(kv)
             if not intact:
                 self._put_host_key(kv)
-            self._host_stored = self._host_value()
+            self._host_stored = self._owner_text()
             if own is None:
                 log_event(logging.INFO, f"adopted lease {candidate:x} of {self.host_dir} (granted "
                           f"{self._started}, {left} s left of {granted} s): records that are right "
@@ -2355,7 +2352,7 @@ class EtcdV3Registry(Registry):
             self.lease, self._lost = new, None
         self._started = _now()
         self._put_host_key(kv)
-        self._host_stored = self._host_value()
+        self._host_stored = self._owner_text()
         given = int(answer.get("TTL", self.ttl))
         note = "" if given == self.ttl else (f"; etcd made it {given} s (its minimum lease TTL): a "
                                              "restart writes everything again")
@@ -2437,7 +2434,7 @@ class EtcdV3Registry(Registry):
                 with self._lock:
                     self._ready = False
                 raise HostLost(f"host key {self.host_dir} changed under this registrar") from None
-            self._host_stored = self._host_value()
+            self._host_stored = self._owner_text()
             log_event(logging.WARNING, f"host key {self.host_dir} was missing or not this registrar's; "
                       "written again", event="host_key_repaired", key=self.host_dir)
         return Records(values, frozenset(detached))
@@ -2448,7 +2445,7 @@ class EtcdV3Registry(Registry):
         compare = [{"key": _b64(self.host_dir), "target": "MOD", "result": "EQUAL",
                     "mod_revision": str(int(found.get("mod_revision", 0)) if found else 0)}]
         try:
-            self._txn([self._op(self.host_dir, self._host_value(), host_key=True)], compare=compare)
+            self._txn([self._op(self.host_dir, self._owner_text(), host_key=True)], compare=compare)
         except LeaseGone as exc:
             raise self._lease_lost(exc.lease) from None
         except HostLost:
