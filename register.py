@@ -8,15 +8,35 @@ level-triggered reconciler: Docker events only say *which* container to look at;
 is always computed from Docker's and etcd's current state, so lost, duplicated or reordered events
 are harmless, and a periodic full reconcile repairs whatever drifted.
 
-Sections, in reading order: configuration, logging, records (pure), retry schedule, registry
-(etcd), engine (Docker), liveness (the heartbeat, on its own thread), reconciler, event stream,
-health, main.
+Contents, in the order the data flows (each number is a section banner below; a name is used
+only below the section that defines it, and the pure sections import nothing that does I/O,
+which tests/test_layout.py checks):
+
+   1. Logging          text or JSON lines, structured events, safe text
+   2. Configuration    every setting defined once, parsed and validated
+   3. Records          from `docker inspect` data to each index's key and value (pure)
+   4. Plan             the deletes and puts from the records wanted and found (pure)
+   5. Scheduling       backoff, timers, and the reconciler's work queue
+   6. Registry seam    what the reconciler writes through, this host's scope, the errors
+   7. etcd v2 adapter  python-etcd, a host directory with a TTL
+   8. etcd v3 adapter  the HTTP gateway, one lease per host, transactions
+   9. Docker           the engine adapter
+  10. Liveness         the heartbeat on its own thread, and who vouches for the records
+  11. Status           what the service's threads report, as one immutable snapshot
+  12. Reconciler       desired state (Docker) against actual state (etcd)
+  13. Events           Docker's event stream, followed for ever
+  14. Health           GET /healthz
+  15. CLI              the commands beside the service (`register.py healthcheck`)
+  16. Main             the threads, signals and shutdown
+
+docs/architecture.md tells the design; docs/reference.md every setting.
 """
 from __future__ import annotations
 
 import argparse
 import base64
 import contextlib
+import dataclasses
 import http.server
 import importlib.util
 import ipaddress
@@ -59,86 +79,91 @@ log = logging.getLogger("register")
 
 
 # ---------------------------------------------------------------------------------------------
-# Configuration
+# 1. Logging: text or JSON lines, structured events, safe text
+# ---------------------------------------------------------------------------------------------
+
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+              "error": logging.ERROR}
+
+def _timestamp(created: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_timestamp(record.created)} {record.levelname.lower():7} {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and the structured fields of the event."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": _timestamp(record.created), "level": record.levelname.lower(),
+                 "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"))
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(LOG_LEVELS[config.log_level])
+    # The libraries log every failed request on their own; this service logs each failure once,
+    # with its cause and what happens next.
+    for noisy in ("etcd", "urllib3", "docker"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def log_event(level: int, message: str, **fields) -> None:
+    log.log(level, message, extra={"fields": fields})
+
+
+def plain_word(text: object, limit: int = 200) -> str:
+    """A name from outside (an engine ID, a role) as one unquoted word: anything but visible ASCII
+    becomes `?`, so that it can neither forge a log line nor break a record."""
+    return re.sub(r"[^\x21-\x7e]", "?", str(text).strip())[:limit]
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """Text from outside (etcd keys and values, Docker's data) as it may go into one log line:
+    quoted, escaped (a newline cannot forge a line) and cut to `limit` characters."""
+    shown = repr(text if isinstance(text, str) else str(text))
+    return shown if len(shown) <= limit else shown[:limit] + "...'"
+
+
+def describe(exc: BaseException) -> str:
+    """The root cause of a connection-level failure, short enough for one log line."""
+    seen = exc
+    for _ in range(8):
+        inner = (getattr(seen, "cause", None) or getattr(seen, "reason", None)
+                 or seen.__cause__ or seen.__context__)
+        if not isinstance(inner, BaseException):
+            break
+        seen = inner
+    if isinstance(seen, (TimeoutError, socket.timeout, urllib3.exceptions.TimeoutError,
+                         requests.exceptions.Timeout)):
+        return "timed out"
+    if isinstance(seen, OSError) and seen.strerror:  # "Connection refused" -> "connection refused"
+        return seen.strerror[:1].lower() + seen.strerror[1:]
+    text = str(seen) or type(seen).__name__
+    return text.splitlines()[0][:300]
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Configuration: every setting defined once, parsed and validated
 # ---------------------------------------------------------------------------------------------
 
 class ConfigError(Exception):
     """Bad configuration: reported as one line on stderr, exit code 2."""
 
 
-@dataclass(frozen=True)
-class Setting:
-    env: str
-    flag: str
-    default: str | None  # None: required; "": optional, unset by default
-    expected: str  # what a good value looks like, in words
-    example: str
-    help: str
-
-
-SETTINGS = (
-    Setting("ETCD_ENDPOINT", "--etcd-endpoint", None,
-            "host:port, http://host:port or https://host:port, or a comma-separated list of them",
-            "http://127.0.0.1:2379",
-            "etcd endpoint(s); a comma-separated list for a cluster; port defaults to 2379; "
-            "IPv6 in brackets ([fd00::1]:2379). Required."),
-    Setting("ETCD_API", "--etcd-api", "2",
-            "2 or 3", "3",
-            "etcd API to register with: 2 (the original's keyspace, etcdctl ls) or 3 (every current "
-            "etcd; leases). The two keyspaces are separate"),
-    Setting("HOST_IP", "--host-ip", None,
-            "this host's IPv4 or IPv6 address", "10.0.0.1",
-            "this host's address, as other hosts reach it; the second level of every key. Required."),
-    Setting("REGISTER_PREFIX", "--prefix", "/registered",
-            "an absolute etcd path below the root, of letters, digits and . _ : @ - between slashes",
-            "/registered", "the top of the registry tree"),
-    Setting("DOCKER_HOST", "--docker-host", "",
-            "unix:///path/to/docker.sock, tcp://host:port, or ssh://user@host with paramiko installed",
-            "unix:///var/run/docker.sock",
-            f"the Docker engine's address, as for the Docker CLI (default: {DEFAULT_DOCKER_HOST}); "
-            "DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply as for the Docker CLI"),
-    Setting("REGISTER_MAX_RECORD_BYTES", "--max-record-bytes", str(512 * 1024),
-            "a whole number of bytes from 1024 up", str(512 * 1024),
-            "the largest record value written; a container whose record would be larger (thousands "
-            "of published ports) is not registered, with a warning"),
-    Setting("REGISTER_TTL", "--ttl", "60",
-            "0 (no TTL) or a whole number of seconds from 3 to 86400 (one day)", "60",
-            "seconds this host's keys outlive this service (v2: the host directory's TTL; v3: its "
-            "lease); refreshed every TTL/3; 0 turns it off"),
-    Setting("REGISTER_RESYNC", "--resync", "60",
-            "a whole number of seconds from 1 to 86400 (one day)", "60",
-            "seconds between full reconciles (the safety net that repairs any drift)"),
-    Setting("ETCD_CA_FILE", "--etcd-ca-file", "",
-            "a readable PEM file", "/etc/ssl/etcd/ca.pem",
-            "CA certificate(s) to verify etcd's server certificate with (https endpoints; the "
-            "system's CAs by default)"),
-    Setting("ETCD_CERT_FILE", "--etcd-cert-file", "",
-            "a readable PEM file", "/etc/ssl/etcd/client.pem",
-            "client certificate for etcd's client certificate authentication (with ETCD_KEY_FILE)"),
-    Setting("ETCD_KEY_FILE", "--etcd-key-file", "",
-            "a readable PEM file", "/etc/ssl/etcd/client-key.pem",
-            "the client certificate's private key (with ETCD_CERT_FILE)"),
-    Setting("ETCD_USERNAME", "--etcd-username", "",
-            "an etcd user name, without spaces, colons or control characters", "registrar",
-            "etcd user to authenticate as (with ETCD_PASSWORD or ETCD_PASSWORD_FILE)"),
-    Setting("ETCD_PASSWORD_FILE", "--etcd-password-file", "",
-            "a readable file holding the password (a trailing newline is ignored)",
-            "/run/secrets/etcd-password",
-            "file holding ETCD_USERNAME's password (read again at each authentication); "
-            "ETCD_PASSWORD, in the environment only, gives it directly"),
-    Setting("ETCD_PASSWORD", "", "",
-            "the etcd user's password", "(secret)",
-            "ETCD_USERNAME's password; environment only, never a flag (it would show in ps)"),
-    Setting("REGISTER_HEALTH_ADDR", "--health-addr", "",
-            "an IP address (IPv6 in brackets) or localhost, a colon and a port", "127.0.0.1:9109",
-            "serve GET /healthz on this address (off when unset): 200 while Docker's events are "
-            "followed, etcd answers and full reconciles succeed, 503 with the reasons otherwise"),
-    Setting("LOG_LEVEL", "--log-level", "info",
-            "debug, info, warning or error", "info", "log verbosity"),
-    Setting("LOG_FORMAT", "--log-format", "text",
-            "text or json", "json", "text, or json for one JSON object per line"),
-)
-SETTING = {s.env: s for s in SETTINGS}
 DEFAULT_ETCD_PORT = 2379
 MIN_TTL = 3
 # The longest TTL and resync interval taken: far inside etcd's largest lease TTL (9,000,000,000 s)
@@ -146,8 +171,6 @@ MIN_TTL = 3
 # is already longer than anyone waits for a dead host's records to go.
 MAX_SECONDS = 86400
 MIN_RECORD_BYTES = 1024
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-              "error": logging.ERROR}
 # Host names as DNS and container networks spell them (compose names containers project_etcd_1)
 HOSTNAME_RE = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))*\.?")
 # What an etcd key path may hold here: python-etcd puts keys into URLs as they are, and etcd
@@ -167,32 +190,6 @@ class Endpoint:
     @property
     def url(self) -> str:
         return f"{self.protocol}://{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Config:
-    etcd_endpoints: tuple[Endpoint, ...]
-    host_ip: str
-    prefix: str
-    ttl: int
-    resync: int
-    log_level: str
-    log_format: str
-    deregister_on_exit: bool
-    etcd_ca_file: str | None = None
-    etcd_cert_file: str | None = None
-    etcd_key_file: str | None = None
-    docker_host: str = DEFAULT_DOCKER_HOST
-    max_record_bytes: int = 512 * 1024
-    etcd_api: int = 2
-    etcd_username: str | None = None
-    etcd_password: str | None = field(default=None, repr=False)  # never printed
-    etcd_password_file: str | None = None
-    health_addr: tuple[str, int] | None = None  # (host, port) of the /healthz server
-
-    @property
-    def host_dir(self) -> str:
-        return f"{self.prefix}/{self.host_ip}"
 
 
 def mask_credentials(text: str) -> str:
@@ -312,7 +309,7 @@ def parse_host_ip(text: str) -> str:
     except ValueError:
         raise ValueError("is not an IPv4 or IPv6 address") from None
     if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # one spelling whatever the interpreter (DESIGN.md, keys)
+        address = address.ipv4_mapped  # one spelling whatever the interpreter (docs/architecture.md, "Keys")
     if address.is_unspecified:
         raise ValueError("is the unspecified address, which names no host")
     if address.version == 4 and address in ipaddress.IPv4Network("0.0.0.0/8"):
@@ -484,25 +481,156 @@ def parse_choice(choices: Iterable[str]) -> Callable[[str], str]:
     return parse
 
 
-PARSERS: Mapping[str, Callable[[str], object]] = {
-    "ETCD_ENDPOINT": parse_endpoints,
-    "HOST_IP": parse_host_ip,
-    "REGISTER_PREFIX": parse_prefix,
-    "DOCKER_HOST": parse_docker_host,
-    "REGISTER_MAX_RECORD_BYTES": lambda text: parse_bytes(text, MIN_RECORD_BYTES),
-    "REGISTER_TTL": lambda text: parse_seconds(text, MIN_TTL, allow_zero=True),
-    "REGISTER_RESYNC": lambda text: parse_seconds(text, 1, allow_zero=False),
-    "ETCD_CA_FILE": parse_file,
-    "ETCD_CERT_FILE": parse_file,
-    "ETCD_KEY_FILE": parse_file,
-    "ETCD_API": lambda text: int(parse_choice(("2", "3"))(text)),
-    "ETCD_USERNAME": lambda text: parse_username(text),
-    "ETCD_PASSWORD_FILE": lambda text: parse_password_file(text),
-    "ETCD_PASSWORD": lambda text: text,
-    "REGISTER_HEALTH_ADDR": parse_listen_address,
-    "LOG_LEVEL": parse_choice(LOG_LEVELS),
-    "LOG_FORMAT": parse_choice(("text", "json")),
-}
+@dataclass(frozen=True)
+class Setting:
+    """One setting, defined once: its environment variable, flag, default, what a good value
+    looks like, help text, the Config attribute it fills and the parser that makes it one.
+    The settings table of docs/reference.md is checked against these (tests/test_layout.py)."""
+    env: str  # "": a flag alone (a switch)
+    flag: str  # "": an environment variable alone (a secret)
+    default: str | None  # None: required; "": optional, unset by default
+    expected: str  # what a good value looks like, in words
+    example: str
+    help: str
+    attr: str = ""  # the Config field it fills
+    parse: Callable[[str], object] = str
+    unset: object = None  # what an optional setting left unset means
+    switch: bool = False  # a flag without a value (store_true), off by default
+
+    @property
+    def name(self) -> str:
+        return self.env or self.flag
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        if self.switch:
+            parser.add_argument(self.flag, dest=self.attr, action="store_true", help=self.help)
+            return
+        default = f" (default: {self.default})" if self.default else ""
+        parser.add_argument(self.flag, dest=self.env, metavar=self.env, default=None,
+                            help=f"{self.help} [env {self.env}]{default}")
+
+    def typed_default(self) -> object:
+        """The value a Config has when the setting is not given."""
+        if self.switch:
+            return False
+        return self.parse(self.default) if self.default else self.unset
+
+
+SETTINGS = (
+    Setting("ETCD_ENDPOINT", "--etcd-endpoint", None,
+            "host:port, http://host:port or https://host:port, or a comma-separated list of them",
+            "http://127.0.0.1:2379",
+            "etcd endpoint(s); a comma-separated list for a cluster; port defaults to 2379; "
+            "IPv6 in brackets ([fd00::1]:2379). Required.",
+            attr="etcd_endpoints", parse=parse_endpoints),
+    Setting("ETCD_API", "--etcd-api", "2",
+            "2 or 3", "3",
+            "etcd API to register with: 2 (the original's keyspace, etcdctl ls) or 3 (every current "
+            "etcd; leases). The two keyspaces are separate",
+            attr="etcd_api", parse=lambda text: int(parse_choice(("2", "3"))(text))),
+    Setting("HOST_IP", "--host-ip", None,
+            "this host's IPv4 or IPv6 address", "10.0.0.1",
+            "this host's address, as other hosts reach it; the second level of every key. Required.",
+            attr="host_ip", parse=parse_host_ip),
+    Setting("REGISTER_PREFIX", "--prefix", "/registered",
+            "an absolute etcd path below the root, of letters, digits and . _ : @ - between slashes",
+            "/registered", "the top of the registry tree",
+            attr="prefix", parse=parse_prefix),
+    Setting("DOCKER_HOST", "--docker-host", "",
+            "unix:///path/to/docker.sock, tcp://host:port, or ssh://user@host with paramiko installed",
+            "unix:///var/run/docker.sock",
+            f"the Docker engine's address, as for the Docker CLI (default: {DEFAULT_DOCKER_HOST}); "
+            "DOCKER_TLS_VERIFY and DOCKER_CERT_PATH apply as for the Docker CLI",
+            attr="docker_host", parse=parse_docker_host, unset=DEFAULT_DOCKER_HOST),
+    Setting("REGISTER_MAX_RECORD_BYTES", "--max-record-bytes", str(512 * 1024),
+            "a whole number of bytes from 1024 up", str(512 * 1024),
+            "the largest record value written; a container whose record would be larger (thousands "
+            "of published ports) is not registered, with a warning",
+            attr="max_record_bytes", parse=lambda text: parse_bytes(text, MIN_RECORD_BYTES)),
+    Setting("REGISTER_TTL", "--ttl", "60",
+            "0 (no TTL) or a whole number of seconds from 3 to 86400 (one day)", "60",
+            "seconds this host's keys outlive this service (v2: the host directory's TTL; v3: its "
+            "lease); refreshed every TTL/3; 0 turns it off",
+            attr="ttl", parse=lambda text: parse_seconds(text, MIN_TTL, allow_zero=True)),
+    Setting("REGISTER_RESYNC", "--resync", "60",
+            "a whole number of seconds from 1 to 86400 (one day)", "60",
+            "seconds between full reconciles (the safety net that repairs any drift)",
+            attr="resync", parse=lambda text: parse_seconds(text, 1, allow_zero=False)),
+    Setting("ETCD_CA_FILE", "--etcd-ca-file", "",
+            "a readable PEM file", "/etc/ssl/etcd/ca.pem",
+            "CA certificate(s) to verify etcd's server certificate with (https endpoints; the "
+            "system's CAs by default)",
+            attr="etcd_ca_file", parse=parse_file),
+    Setting("ETCD_CERT_FILE", "--etcd-cert-file", "",
+            "a readable PEM file", "/etc/ssl/etcd/client.pem",
+            "client certificate for etcd's client certificate authentication (with ETCD_KEY_FILE)",
+            attr="etcd_cert_file", parse=parse_file),
+    Setting("ETCD_KEY_FILE", "--etcd-key-file", "",
+            "a readable PEM file", "/etc/ssl/etcd/client-key.pem",
+            "the client certificate's private key (with ETCD_CERT_FILE)",
+            attr="etcd_key_file", parse=parse_file),
+    Setting("ETCD_USERNAME", "--etcd-username", "",
+            "an etcd user name, without spaces, colons or control characters", "registrar",
+            "etcd user to authenticate as (with ETCD_PASSWORD or ETCD_PASSWORD_FILE)",
+            attr="etcd_username", parse=parse_username),
+    Setting("ETCD_PASSWORD_FILE", "--etcd-password-file", "",
+            "a readable file holding the password (a trailing newline is ignored)",
+            "/run/secrets/etcd-password",
+            "file holding ETCD_USERNAME's password (read again at each authentication); "
+            "ETCD_PASSWORD, in the environment only, gives it directly",
+            attr="etcd_password_file", parse=parse_password_file),
+    Setting("ETCD_PASSWORD", "", "",
+            "the etcd user's password", "(secret)",
+            "ETCD_USERNAME's password; environment only, never a flag (it would show in ps)",
+            attr="etcd_password", parse=lambda text: text),
+    Setting("REGISTER_HEALTH_ADDR", "--health-addr", "",
+            "an IP address (IPv6 in brackets) or localhost, a colon and a port", "127.0.0.1:9109",
+            "serve GET /healthz on this address (off when unset): 200 while Docker's events are "
+            "followed, etcd answers and full reconciles succeed, 503 with the reasons otherwise",
+            attr="health_addr", parse=parse_listen_address),
+    Setting("LOG_LEVEL", "--log-level", "info",
+            "debug, info, warning or error", "info", "log verbosity",
+            attr="log_level", parse=parse_choice(LOG_LEVELS)),
+    Setting("LOG_FORMAT", "--log-format", "text",
+            "text or json", "json", "text, or json for one JSON object per line",
+            attr="log_format", parse=parse_choice(("text", "json"))),
+    Setting("", "--deregister-on-exit", "", "", "", "on SIGTERM/SIGINT delete this host's subtree before "
+            "exiting (by default records stay, so a restart makes nothing flap)",
+            attr="deregister_on_exit", switch=True),
+)
+SETTING = {s.env: s for s in SETTINGS if s.env}
+
+
+def _default(env: str) -> object:
+    return SETTING[env].typed_default()
+
+
+@dataclass(frozen=True)
+class Config:
+    """The settings, validated: one field per Setting (its `attr`), whose default is the
+    setting's own (a test checks that the two lists are one)."""
+    etcd_endpoints: tuple[Endpoint, ...]
+    host_ip: str
+    prefix: str
+    ttl: int
+    resync: int
+    log_level: str
+    log_format: str
+    deregister_on_exit: bool
+    etcd_ca_file: str | None = _default("ETCD_CA_FILE")
+    etcd_cert_file: str | None = _default("ETCD_CERT_FILE")
+    etcd_key_file: str | None = _default("ETCD_KEY_FILE")
+    docker_host: str = _default("DOCKER_HOST")
+    max_record_bytes: int = _default("REGISTER_MAX_RECORD_BYTES")
+    etcd_api: int = _default("ETCD_API")
+    etcd_username: str | None = _default("ETCD_USERNAME")
+    etcd_password: str | None = field(default=_default("ETCD_PASSWORD"), repr=False)  # never printed
+    etcd_password_file: str | None = _default("ETCD_PASSWORD_FILE")
+    health_addr: tuple[str, int] | None = _default("REGISTER_HEALTH_ADDR")  # (host, port) of /healthz
+
+    @property
+    def host_dir(self) -> str:
+        return f"{self.prefix}/{self.host_ip}"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -531,14 +659,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     "asks a running service's health server (--health-addr) and exits 0 when it "
                     "is healthy, 1 otherwise.")
     for s in SETTINGS:
-        if not s.flag:
-            continue
-        default = f" (default: {s.default})" if s.default else ""
-        parser.add_argument(s.flag, dest=s.env, metavar=s.env, default=None,
-                            help=f"{s.help} [env {s.env}]{default}")
-    parser.add_argument("--deregister-on-exit", action="store_true",
-                        help="on SIGTERM/SIGINT delete this host's subtree before exiting "
-                             "(by default records stay, so a restart makes nothing flap)")
+        if s.flag:
+            s.add_to(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     return parser
 
@@ -546,43 +668,34 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def load_config(argv: list[str] | None, environ: Mapping[str, str]) -> Config:
     """Settings from flags, then the environment, then defaults; each one validated."""
     args = build_arg_parser().parse_args(argv)
-    values = {}
-    for s in SETTINGS:
-        flag_value = getattr(args, s.env, None)
-        if flag_value is not None:
-            source, text = s.flag, flag_value
-        elif s.env in environ:
-            source, text = s.env, environ[s.env]
-        elif s.default is not None:
-            source, text = s.env, s.default
-        else:
-            raise ConfigError(f"{s.env} is not set (nor {s.flag}); expected {s.expected}, "
-                              f"e.g. {s.env}={s.example}")
-        if not text.strip():
-            if s.default == "":  # an optional setting, left empty: unset
-                values[s.env] = None
-                continue
-            raise ConfigError(f"{source} is empty; expected {s.expected}, e.g. {source}={s.example}")
-        try:
-            values[s.env] = PARSERS[s.env](text if s.env == "ETCD_PASSWORD" else text.strip())
-        except SecretInValue as exc:
-            raise ConfigError(f"{source} {exc}") from None
-        except ValueError as exc:
-            raise _problem(s, source, text, str(exc)) from None
+    values = {s.env: setting_value(s, getattr(args, s.env, None), environ) for s in SETTINGS if s.env}
     _check_tls(values)
     _check_auth(values)
     _check_docker_tls(values["DOCKER_HOST"], environ)
-    return Config(
-        etcd_endpoints=values["ETCD_ENDPOINT"], host_ip=values["HOST_IP"],
-        prefix=values["REGISTER_PREFIX"], ttl=values["REGISTER_TTL"],
-        resync=values["REGISTER_RESYNC"], log_level=values["LOG_LEVEL"],
-        log_format=values["LOG_FORMAT"], deregister_on_exit=args.deregister_on_exit,
-        etcd_ca_file=values["ETCD_CA_FILE"], etcd_cert_file=values["ETCD_CERT_FILE"],
-        etcd_key_file=values["ETCD_KEY_FILE"],
-        docker_host=values["DOCKER_HOST"] or DEFAULT_DOCKER_HOST,
-        max_record_bytes=values["REGISTER_MAX_RECORD_BYTES"], etcd_api=values["ETCD_API"],
-        etcd_username=values["ETCD_USERNAME"], etcd_password=values["ETCD_PASSWORD"],
-        etcd_password_file=values["ETCD_PASSWORD_FILE"], health_addr=values["REGISTER_HEALTH_ADDR"])
+    return Config(**{s.attr: getattr(args, s.attr) if s.switch else values[s.env] for s in SETTINGS})
+
+
+def setting_value(s: Setting, flag_value: str | None, environ: Mapping[str, str]) -> object:
+    """One setting from its flag, then the environment, then its default; validated."""
+    if flag_value is not None:
+        source, text = s.flag, flag_value
+    elif s.env in environ:
+        source, text = s.env, environ[s.env]
+    elif s.default is not None:
+        source, text = s.env, s.default
+    else:
+        raise ConfigError(f"{s.env} is not set (nor {s.flag}); expected {s.expected}, "
+                          f"e.g. {s.env}={s.example}")
+    if not text.strip():
+        if s.default == "":  # an optional setting, left empty: unset
+            return s.unset
+        raise ConfigError(f"{source} is empty; expected {s.expected}, e.g. {source}={s.example}")
+    try:
+        return s.parse(text if s.env == "ETCD_PASSWORD" else text.strip())
+    except SecretInValue as exc:
+        raise ConfigError(f"{source} {exc}") from None
+    except ValueError as exc:
+        raise _problem(s, source, text, str(exc)) from None
 
 
 def _check_auth(values: Mapping[str, object]) -> None:
@@ -686,82 +799,7 @@ def _load_tls(ca_file: str | None, cert_file: str | None, key_file: str | None) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------------------
-
-def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
-
-
-class TextFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line = f"{_timestamp(record.created)} {record.levelname.lower():7} {record.getMessage()}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
-        return line
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, message, and the structured fields of the event."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": _timestamp(record.created), "level": record.levelname.lower(),
-                 "message": record.getMessage()}
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry, separators=(",", ":"))
-
-
-def setup_logging(config: Config) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(LOG_LEVELS[config.log_level])
-    # The libraries log every failed request on their own; this service logs each failure once,
-    # with its cause and what happens next.
-    for noisy in ("etcd", "urllib3", "docker"):
-        logging.getLogger(noisy).setLevel(logging.CRITICAL)
-
-
-def log_event(level: int, message: str, **fields) -> None:
-    log.log(level, message, extra={"fields": fields})
-
-
-def plain_word(text: object, limit: int = 200) -> str:
-    """A name from outside (an engine ID, a role) as one unquoted word: anything but visible ASCII
-    becomes `?`, so that it can neither forge a log line nor break a record."""
-    return re.sub(r"[^\x21-\x7e]", "?", str(text).strip())[:limit]
-
-
-def printable(text: object, limit: int = 200) -> str:
-    """Text from outside (etcd keys and values, Docker's data) as it may go into one log line:
-    quoted, escaped (a newline cannot forge a line) and cut to `limit` characters."""
-    shown = repr(text if isinstance(text, str) else str(text))
-    return shown if len(shown) <= limit else shown[:limit] + "...'"
-
-
-def describe(exc: BaseException) -> str:
-    """The root cause of a connection-level failure, short enough for one log line."""
-    seen = exc
-    for _ in range(8):
-        inner = (getattr(seen, "cause", None) or getattr(seen, "reason", None)
-                 or seen.__cause__ or seen.__context__)
-        if not isinstance(inner, BaseException):
-            break
-        seen = inner
-    if isinstance(seen, (TimeoutError, socket.timeout, urllib3.exceptions.TimeoutError,
-                         requests.exceptions.Timeout)):
-        return "timed out"
-    if isinstance(seen, OSError) and seen.strerror:  # "Connection refused" -> "connection refused"
-        return seen.strerror[:1].lower() + seen.strerror[1:]
-    text = str(seen) or type(seen).__name__
-    return text.splitlines()[0][:300]
-
-
-# ---------------------------------------------------------------------------------------------
-# Records: pure functions from `docker inspect` data to a key and a value. No I/O.
+# 3. Records: from `docker inspect` data to each index's key and value. Pure.
 # ---------------------------------------------------------------------------------------------
 
 class RecordError(ValueError):
@@ -769,13 +807,28 @@ class RecordError(ValueError):
 
 
 class Entry(NamedTuple):
-    """What one container contributes to the registry: one key, one value."""
+    """What one container contributes to the registry: one record (key, value) under each index
+    it is in, and what names it in a log line. Today there is one index, the host index
+    (`host_key`); another is one more key function here and one more key space of the host's
+    scope (HostScope)."""
     container_id: str
     name: str
     image: str  # as Docker reports it (Config.Image), for logs
-    key: str
-    value: str
+    records: tuple[tuple[str, str], ...]  # (key, value) under each index, the host index first
     ports: str  # for logs: 80/tcp=10.0.0.1:49153,...
+
+    @property
+    def key(self) -> str:
+        """The key under the host index."""
+        return self.records[0][0]
+
+    @property
+    def value(self) -> str:
+        return self.records[0][1]
+
+    def index_keys(self) -> set[str]:
+        """Its key under every index."""
+        return {key for key, _ in self.records}
 
 
 CONTAINER_ID_RE = re.compile(r"[0-9a-f]{64}")
@@ -968,7 +1021,12 @@ def _desired_entry(inspect: Mapping, host_ip: str, prefix: str, max_bytes: int |
         f'"private_port":"{private}","port_type":"{kind}"}}'
         for private, kind, ip, public in records) + "]"
     return Entry(container_id, container_name(inspect), image,
-                 f"{prefix}/{host_ip}/{image_part}/{container_id}", value, ports_summary(records))
+                 ((host_key(prefix, host_ip, image_part, container_id), value),), ports_summary(records))
+
+
+def host_key(prefix: str, host_ip: str, image_part: str, container_id: str) -> str:
+    """The host index: every container of a host below <prefix>/<HOST_IP>/, by image."""
+    return f"{prefix}/{host_ip}/{image_part}/{container_id}"
 
 
 def inspect_from_summary(summary: Mapping) -> dict | None:
@@ -1015,6 +1073,7 @@ def ports_summary(records: Iterable[tuple]) -> str:
 
 
 def key_container_id(key: str) -> str:
+    """Every index's key ends with the id of the container it is about."""
     return key.rsplit("/", 1)[-1]
 
 
@@ -1038,7 +1097,95 @@ def describe_record(key: str, value: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Retry schedule
+# 4. Plan: what to write and delete, from the records wanted and the records found. Pure.
+# ---------------------------------------------------------------------------------------------
+
+UNKNOWN = object()  # a container whose records are left as they are this time (see Reconciler)
+
+
+def removal_reason(running: bool) -> str:
+    return "container no longer runs or publishes a port" if running else "container stopped or gone"
+
+
+class Registration(NamedTuple):
+    """One container's records to write: logged as one line once all of them are written."""
+    entry: Entry
+    keys: tuple[str, ...]  # those of its records that are missing, different, or detached
+    existed: bool  # the container had a record already: "updated", not "registered"
+
+
+class Removal(NamedTuple):
+    """Keys to delete, logged as one line once all are gone: a registered container's (`entry`,
+    as it was registered), or one key found in etcd that no container wants (`entry` None, `why`
+    says what it held)."""
+    keys: tuple[str, ...]
+    entry: Entry | None
+    why: str
+
+
+class Plan(NamedTuple):
+    removals: tuple[Removal, ...]
+    registrations: tuple[Registration, ...]
+    untouched: tuple[Entry, ...]  # every record already right: nothing is written for them
+    held: frozenset  # ids of containers whose records are left as they are (UNKNOWN)
+
+    @property
+    def deletes(self) -> list[str]:
+        return [key for removal in self.removals for key in removal.keys]
+
+    @property
+    def puts(self) -> list[tuple[str, str]]:
+        return [(key, dict(r.entry.records)[key]) for r in self.registrations for key in r.keys]
+
+    def keep(self, found: Iterable[str]) -> set[str]:
+        """Every key that is there once the plan is applied, of those `found` and those put."""
+        return (set(found) | {key for key, _ in self.puts}) - set(self.deletes)
+
+
+def plan(wanted: Mapping[str, object], found: Mapping[str, str], known: Mapping[str, Entry],
+         running: Iterable[str] = (), detached: Iterable[str] = ()) -> Plan:
+    """The changes that make `found` (key -> value, as etcd holds it) hold exactly what `wanted`
+    (container id -> Entry, None for no record, or UNKNOWN) asks for.
+
+    Every key of `found` that no wanted record has goes, unless its container is UNKNOWN: a
+    full reconcile passes everything this host holds, an event passes only what is known of the
+    containers it names. `known` (container id -> Entry as it was registered) says what a key
+    that goes was; a container in `running` runs still (its record goes because it publishes
+    nothing now). A `detached` key is written again even when its value is right (v3: not on
+    this host's lease).
+    """
+    detached = set(detached)
+    running = set(running)
+    registrations, untouched = [], []
+    for want in wanted.values():
+        if isinstance(want, Entry):
+            keys = tuple(key for key, value in want.records if found.get(key) != value or key in detached)
+            if keys:
+                registrations.append(Registration(want, keys, any(key in found for key in want.index_keys())))
+            else:
+                untouched.append(want)
+    gone: dict[str, list[str]] = {}  # container id -> its registered keys that go
+    stale = []
+    for key, value in found.items():
+        container_id = key_container_id(key)
+        want = wanted.get(container_id)
+        if want is UNKNOWN or (isinstance(want, Entry) and key in want.index_keys()):
+            continue
+        had = known.get(container_id)
+        if had is not None and key in had.index_keys():
+            gone.setdefault(container_id, []).append(key)
+        else:
+            stale.append(Removal((key,), None, describe_record(key, value)))
+    removals = [Removal(tuple(keys), known[container_id], "key changed"
+                        if isinstance(wanted.get(container_id), Entry)
+                        else removal_reason(container_id in running))
+                for container_id, keys in gone.items()]
+    held = frozenset(cid for cid, want in wanted.items() if want is UNKNOWN)
+    return Plan(tuple(removals + stale), tuple(registrations), tuple(untouched), held)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Scheduling: backoff, timers, and the reconciler's work queue
 # ---------------------------------------------------------------------------------------------
 
 class RetrySchedule:
@@ -1090,9 +1237,220 @@ class Timer:
         return max(0.0, self._due - time.monotonic())
 
 
+class Refusal(NamedTuple):
+    schedule: RetrySchedule
+    due: float  # time.monotonic() of the next attempt
+    reason: str
+    armed: bool = False  # `due` was set when this attempt was taken: a new refusal keeps it
+
+
+REFUSED_RETRY_CAP = 300.0  # seconds: a refused record is retried at least this often
+MAX_WAIT = 3600.0  # seconds: no wait is longer (every wait can take it, whatever the settings)
+
+
+class WorkQueue:
+    """What the reconciler has to do, handed out in coalesced batches (client-go's rate-limiting
+    work queue is the pattern): the containers to look at (one entry each, the latest event's
+    word on whether it stopped), the reasons for a full reconcile (an ordered set), the periodic
+    resync, and the refusal schedule (a container whose record etcd refused comes back alone,
+    with a backoff of its own). Thread-safe: the event thread adds, the reconciler takes.
+
+    Work waits while the queue is paused (Docker's event stream is down: without Docker nobody
+    can tell what runs), and waking the taker is the queue's business alone.
+    """
+
+    MAX_DIRTY = 10_000  # beyond this, one full reconcile is cheaper than tracking each container
+
+    def __init__(self, resync: float, stop: threading.Event):
+        self.stop = stop
+        self._cond = threading.Condition()
+        self._dirty: dict[str, bool] = {}  # container id -> its latest event said it stopped
+        self._full: dict[str, None] = {}
+        self._paused = True
+        self._resync = Timer(resync, due_now=False)
+        self._refused: dict[str, Refusal] = {}
+        # containers whose latest event said they stopped, while Docker's list may still show them
+        # running (it lags behind the event by the teardown): the list is not trusted for them
+        self._stopped_lately: set[str] = set()
+        # containers known to run (their latest event was a start, or the list shows them) ->
+        # since when: network events matter only to these
+        self._running: dict[str, float] = {}
+
+    # -- adding ----------------------------------------------------------------------------------
+
+    def add(self, container_id: str, stopped: bool | None = False) -> None:
+        """A container to look at; `stopped` when its latest event says it is no longer running,
+        None when the event says nothing of that (a network change).
+
+        A network change matters only to a container known to run: `docker run` connects the
+        container's networks before it starts it, and `docker stop` disconnects them after it died,
+        and looking at those would only cost an inspect per start (and slow the start's record
+        down) or undo what the die said.
+        """
+        with self._cond:
+            if stopped is None:
+                if container_id not in self._running:
+                    return
+                stopped = self._dirty.get(container_id, False)
+            if stopped:
+                self._running.pop(container_id, None)
+            elif container_id in self._running or len(self._running) < self.MAX_DIRTY:
+                self._running[container_id] = time.monotonic()
+            if len(self._dirty) >= self.MAX_DIRTY and container_id not in self._dirty:
+                self._dirty.clear()
+                self._full.setdefault(f"more than {self.MAX_DIRTY} containers pending")
+            else:
+                self._dirty.pop(container_id, None)  # keep the order of the latest events
+                self._dirty[container_id] = stopped
+            if not stopped:
+                self._stopped_lately.discard(container_id)
+            elif len(self._stopped_lately) < self.MAX_DIRTY:
+                self._stopped_lately.add(container_id)
+            self._cond.notify()
+
+    def add_full(self, *reasons: str) -> None:
+        with self._cond:
+            self._full.update(dict.fromkeys(reasons))
+            self._cond.notify_all()
+
+    def requeue(self, dirty: Mapping[str, bool]) -> None:
+        """Containers whose work failed: pending again, unless a newer event knows better."""
+        with self._cond:
+            for container_id, stopped in dirty.items():
+                self._dirty.setdefault(container_id, stopped)
+
+    def pause(self) -> None:
+        with self._cond:
+            self._paused = True
+
+    def resume(self, reason: str) -> None:
+        """Work is handed out again, beginning with a full reconcile for `reason`."""
+        with self._cond:
+            self._paused = False
+            self._full.setdefault(reason)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # -- taking ----------------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        with self._cond:
+            return self._paused
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._dirty)
+
+    def dirty(self) -> dict[str, bool]:
+        """The containers pending (id -> stopped), in the order of their latest events."""
+        with self._cond:
+            return dict(self._dirty)
+
+    def take(self) -> tuple[list[str] | None, dict[str, bool]]:
+        """(reasons for a full reconcile, or None; the containers to look at): nothing while
+        paused. A refused container whose turn has come is among them, its next turn set now."""
+        with self._cond:
+            if self._paused:
+                return None, {}
+            if self._resync.due():
+                self._full.setdefault("periodic resync")
+            now = time.monotonic()
+            for container_id, refusal in self._refused.items():
+                if refusal.due <= now:  # its turn; the next one is armed now, whatever comes of it
+                    self._dirty.setdefault(container_id, False)
+                    self._refused[container_id] = refusal._replace(
+                        due=now + refusal.schedule.next_delay(), armed=True)
+            dirty, self._dirty = self._dirty, {}
+            if self._full:  # it looks at every container, and at these events
+                reasons, self._full = list(self._full), {}
+                return reasons, dirty
+            return None, dirty
+
+    def resynced(self) -> None:
+        """A full reconcile succeeded: the next periodic one is a whole interval away."""
+        with self._cond:
+            self._resync.restart()
+
+    def wait(self) -> None:
+        """Until there is work, the next resync or refusal is due, or the queue is woken."""
+        with self._cond:
+            if self.stop.is_set() or (not self._paused and (self._dirty or self._full)):
+                return
+            deadlines = [MAX_WAIT]
+            if not self._paused:
+                deadlines.append(self._resync.remaining())
+            if not self._paused and self._refused:
+                now = time.monotonic()
+                deadlines.append(max(0.0, min(r.due for r in self._refused.values()) - now))
+            self._cond.wait(min(deadlines))
+
+    # -- what Docker's list says -------------------------------------------------------------
+
+    def stopped_lately(self) -> set[str]:
+        with self._cond:
+            return set(self._stopped_lately)
+
+    def listed(self, listed: Iterable[str], lately: set[str], since: float) -> None:
+        """Docker's container list, asked at `since`, shows `listed` running: it has caught up
+        with the events of those stopped lately that it no longer shows, and a container it
+        does not show that was known to run before `since` stopped unseen, or is gone."""
+        listed = set(listed)
+        with self._cond:
+            self._stopped_lately &= listed | (self._stopped_lately - lately)
+            for container_id in listed - lately:
+                self._running.setdefault(container_id, since)
+            for container_id, seen in list(self._running.items()):
+                if container_id not in listed and seen < since:
+                    del self._running[container_id]
+
+    # -- the refusal schedule ----------------------------------------------------------------
+
+    def refused(self, container_id: str, reason: str) -> tuple[float, bool]:
+        """etcd refused this container's record: (seconds to its next attempt, whether the
+        reason is new). An attempt taken from the queue keeps the turn set when it was taken."""
+        with self._cond:
+            previous = self._refused.get(container_id)
+            schedule = previous.schedule if previous else RetrySchedule(cap=REFUSED_RETRY_CAP)
+            armed = previous is not None and previous.armed  # the next attempt is set already
+            due = previous.due if armed else time.monotonic() + schedule.next_delay()
+            self._refused[container_id] = Refusal(schedule, due, reason)
+            self._cond.notify()
+        return max(0.0, due - time.monotonic()), previous is None or previous.reason != reason
+
+    def accepted(self, container_id: str) -> None:
+        """Its records were written, or it wants none: nothing to retry for it."""
+        with self._cond:
+            self._refused.pop(container_id, None)
+
+    def refusal_pending(self, container_id: str) -> bool:
+        """etcd refused its record and its next turn has not come (an armed one is being tried)."""
+        with self._cond:
+            refusal = self._refused.get(container_id)
+            return refusal is not None and not refusal.armed and refusal.due > time.monotonic()
+
+    def refused_ids(self) -> set[str]:
+        with self._cond:
+            return set(self._refused)
+
+    def refusals(self) -> dict[str, float]:
+        """Refused container id -> seconds until its next attempt."""
+        now = time.monotonic()
+        with self._cond:
+            return {cid: max(0.0, refusal.due - now) for cid, refusal in self._refused.items()}
+
+    def forget(self, container_ids: Iterable[str]) -> None:
+        """Containers that no longer run: nothing to retry for them."""
+        with self._cond:
+            for container_id in container_ids:
+                self._refused.pop(container_id, None)
+
+
 # ---------------------------------------------------------------------------------------------
-# Registry: the seam the reconciler writes through, and its etcd v2 and v3 adapters. They know
-# this host's keys and nothing of Docker.
+# 6. Registry seam: what the reconciler writes through, this host's scope, the errors
 # ---------------------------------------------------------------------------------------------
 
 class Unavailable(Exception):
@@ -1110,6 +1468,11 @@ class RegistryBlocked(RegistryUnavailable):
 
 class EngineUnavailable(Unavailable):
     pass
+
+
+class ContainerUnreadable(Exception):
+    """Docker answered, and could not describe this one container: it is skipped this time,
+    and its records are left as they are."""
 
 
 class HostLost(RegistryUnavailable):
@@ -1161,7 +1524,7 @@ class RecordRefused(Exception):
 
 class Records(NamedTuple):
     """This host's keys as etcd holds them."""
-    values: dict  # key -> value, every key below <prefix>/<HOST_IP>/
+    values: dict  # key -> value, every key of this host's scope (HostScope.spaces)
     detached: frozenset = frozenset()  # keys to write again even when their value is right (v3:
     # not on this host's lease, so they would outlive it)
 
@@ -1169,8 +1532,11 @@ class Records(NamedTuple):
 class HostScope:
     """This host's part of the keyspace, and the one place that says what may be changed.
 
-    Every write, refresh and delete of a registry adapter names its key through `check`, which
-    passes only `<prefix>/<HOST_IP>` itself (where asked for) and keys below it without an empty,
+    The scope is a set of key spaces (`spaces`), one per index a record is kept under: today
+    one, the host directory `<prefix>/<HOST_IP>`, which also holds the host's liveness (the v2
+    directory's TTL, the v3 host key). Every write, refresh and delete of a registry adapter
+    names its key through `check`, which passes only a key space itself (where asked for) and
+    keys below one without an empty,
     `.` or `..` segment (etcd v2 resolves them, so `<host dir>/../x` would land outside), and
     returns the key as it goes into a URL (python-etcd puts keys into URLs as they are). The keys
     this service makes hold only key characters; a key found in etcd below the host directory may
@@ -1182,9 +1548,11 @@ class HostScope:
     def __init__(self, prefix: str, host_ip: str, flat: bool = False):
         self.prefix = prefix
         self.host_dir = f"{prefix}/{host_ip}"
+        self.spaces: tuple[str, ...] = (self.host_dir,)  # the host index; another index adds its own
         self.flat = flat
-        if not self._clean(self.host_dir[1:]):
-            raise OutsideScope(f"{self.host_dir!r} is not a clean etcd path")
+        for space in self.spaces:
+            if not self._clean(space[1:]):
+                raise OutsideScope(f"{space!r} is not a clean etcd path")
 
     @staticmethod
     def _clean(path: str, found: bool = False) -> bool:
@@ -1195,14 +1563,19 @@ class HostScope:
     def check(self, key: str, host_dir: bool = False, found: bool = False) -> str:
         """The URL form of `key` when it is this host's to change; raises OutsideScope otherwise.
         `found`: a key read from etcd below the host directory, which may hold any character."""
-        if key == self.host_dir:
+        if key in self.spaces:
             if host_dir:
                 return key
-        elif key.startswith(self.host_dir + "/") and found and self.flat:
-            return key  # v3 sends keys as bytes (base64), never in a URL: any byte is fine
-        elif key.startswith(self.host_dir + "/") and self._clean(key[len(self.host_dir) + 1:], found):
-            return urllib.parse.quote(key, safe="/:@+")
-        raise OutsideScope(f"refusing to change {printable(key)}: not a clean key inside {self.host_dir}/")
+        else:
+            for space in self.spaces:
+                if not key.startswith(space + "/"):
+                    continue
+                if found and self.flat:
+                    return key  # v3 sends keys as bytes (base64), never in a URL: any byte is fine
+                if self._clean(key[len(space) + 1:], found):
+                    return urllib.parse.quote(key, safe="/:@+")
+        raise OutsideScope(f"refusing to change {printable(key)}: not a clean key inside "
+                           f"{', '.join(space + '/' for space in self.spaces)}")
 
     def ancestors(self, key: str) -> list[str]:
         """Every directory above `key`, from the top: /a, /a/b, ..."""
@@ -1238,6 +1611,7 @@ class Registry:
     API = 0
     TIMEOUT = 5  # seconds for one request: a stalled etcd must not stall the service
     LIVENESS = ""  # what keeps this host's keys alive, for log lines
+    REFRESHED = ""  # what the heartbeat refreshes, for log lines
 
     def __init__(self, config: Config):
         self.config = config
@@ -1249,7 +1623,8 @@ class Registry:
         self._lock = threading.Lock()
         self._api_checked = False
         self.closed = False
-        self.answered_at: float | None = None  # monotonic time of etcd's last good answer (/healthz)
+        self._answered_at: float | None = None  # monotonic time of etcd's last good answer
+        self._answered_lock = threading.Lock()  # its own: _answered is called under _lock too
         self._client = None  # the current endpoint's client (_connection)
         self._ready = False  # the liveness was found in place since the last failure
         self.engine_id: str | None = None  # the Docker engine this registrar speaks for
@@ -1286,7 +1661,14 @@ class Registry:
             self._ready = False
 
     def _answered(self) -> None:
-        self.answered_at = time.monotonic()
+        with self._answered_lock:
+            self._answered_at = time.monotonic()
+
+    @property
+    def answered_at(self) -> float | None:
+        """When etcd last answered (monotonic time; /healthz)."""
+        with self._answered_lock:
+            return self._answered_at
 
     @property
     def endpoint(self) -> Endpoint:
@@ -1419,6 +1801,10 @@ class Registry:
         """What keeps this host's keys alive, named for a log line."""
         return f"{self.LIVENESS} {self.host_dir}"
 
+    def made_anew(self) -> str:
+        """Why a full reconcile follows a prepare that had to make the liveness anew."""
+        raise NotImplementedError
+
     def _owner_text(self) -> str:
         """What this registrar writes where the owner of the address is recorded (v3: the host
         key; v2: the hidden _registrar key)."""
@@ -1457,6 +1843,10 @@ class Registry:
         raise NotImplementedError
 
 
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 STARTED_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 ENGINE_RE = re.compile(r"[\x21-\x7e]{1,200}")
 
@@ -1485,6 +1875,10 @@ def _where(lacking: list[tuple[str, str]]) -> str:
                      for url, version in lacking)
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. etcd v2 adapter: python-etcd, a host directory with a TTL
+# ---------------------------------------------------------------------------------------------
+
 class EtcdV2Registry(Registry):
     """etcd's v2 API through python-etcd: a host directory with a TTL, refreshed without waking
     a watcher; image directories below it, pruned when empty."""
@@ -1492,6 +1886,7 @@ class EtcdV2Registry(Registry):
     API = 2
     POOL = 16
     LIVENESS = "host directory"
+    REFRESHED = "TTL"
 
     def __init__(self, config: Config, pool: ThreadPoolExecutor | None = None):
         global etcd
@@ -1510,6 +1905,9 @@ class EtcdV2Registry(Registry):
         # the directory's createdIndex when it was made or found: a refresh that finds another one
         # found a directory made anew meanwhile (by a child write, or by another registrar)
         self._dir_created: int | None = None
+
+    def made_anew(self) -> str:
+        return f"host directory {self.host_dir} was (re)created"
 
     def _accept(self, endpoint: Endpoint, version: str) -> None:
         if self.ttl and re.match(r"3\.([5-9]|[1-9][0-9])\.", version):  # said before any write
@@ -1840,16 +2238,27 @@ class EtcdV2Registry(Registry):
             return Records({})
         # hidden: the recursive read does not show it
         self._claimed = self._check_owner(self._owner_node()) is not None
-        leaves, dirs = {}, set()
+        dirs: set[str] = set()
+        leaves = self._leaves(top, self.host_dir, dirs)
+        for space in self.scope.spaces[1:]:  # another index's key space: plain directories
+            with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
+                top = self._call(lambda c, k=space: c.read(k, recursive=True), space)
+                leaves.update(self._leaves(top, space, dirs))
+        self._dirs = dirs
+        return Records(leaves)
+
+    @staticmethod
+    def _leaves(top, space: str, dirs: set[str]) -> dict[str, str]:
+        """The values below `space` of a recursive read; its directories are added to `dirs`."""
+        leaves = {}
         for node in top.get_subtree():
-            if node.key == self.host_dir:
+            if node.key == space:
                 continue
             if node.dir:
                 dirs.add(node.key)
             else:
                 leaves[node.key] = node.value
-        self._dirs = dirs
-        return Records(leaves)
+        return leaves
 
     def apply(self, deletes: list[str], puts: list[tuple[str, str]], report: Report,
               keep: set | None = None) -> None:
@@ -1972,6 +2381,10 @@ class EtcdV2Registry(Registry):
 EtcdRegistry = EtcdV2Registry
 
 
+# ---------------------------------------------------------------------------------------------
+# 8. etcd v3 adapter: the HTTP gateway (etcd3gw), one lease per host, transactions
+# ---------------------------------------------------------------------------------------------
+
 # gRPC status codes, as etcd's HTTP gateway reports them in the "code" of an error body
 GRPC_NOT_FOUND, GRPC_PERMISSION_DENIED, GRPC_RESOURCE_EXHAUSTED, GRPC_UNAUTHENTICATED = 5, 7, 8, 16
 GRPC_REFUSALS = {3, 6, 7, 9, 11}  # invalid argument, exists, permission, precondition, range
@@ -2011,6 +2424,7 @@ class EtcdV3Registry(Registry):
 
     API = 3
     LIVENESS = "lease"
+    REFRESHED = "lease"
     MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
     MAX_TXN_BYTES = 1024 * 1024  # well under etcd's default --max-request-bytes (1.5 MiB)
     OP_OVERHEAD = 32  # bytes of a put's or a delete's framing, over its key and value
@@ -2028,6 +2442,10 @@ class EtcdV3Registry(Registry):
         self._foreign_said: frozenset = frozenset()  # keys of others last said to ride on the lease
         self._beat_http = self._session()  # the heartbeat's own connections
         self.max_ops = self.MAX_TXN_OPS  # lowered when etcd's --max-txn-ops is lower
+        self._repair: dict | None = None  # the host key as the last read found it, to write again
+
+    def made_anew(self) -> str:
+        return f"lease of {self.host_dir} was granted anew"
 
     def _probe_api(self, session: requests.Session, endpoint: Endpoint) -> requests.Response:
         return session.post(f"{endpoint.url}/v3/kv/range", json={"key": _b64("\0")},
@@ -2292,6 +2710,7 @@ class EtcdV3Registry(Registry):
         finds its own). True when anything had to be (re)made: then a full reconcile follows."""
         if self._ready:
             return False
+        self._repair = None  # the host key is looked at again here
         for _ in range(3):  # the host key may change between the read and the guarded put
             try:
                 return self._prepare_once()
@@ -2409,35 +2828,46 @@ class EtcdV3Registry(Registry):
     # -- records ---------------------------------------------------------------------------------
 
     def read(self) -> Records:
-        """The records, and the host key in the same request: one an operator deleted, or that
-        is not on the lease, is put back here (the keepalive cannot tell); one that names another
-        live engine stops everything (AddressConflict)."""
-        start = self.host_dir + "/"
-        answer = self._post("/kv/range", {"key": _b64(self.host_dir),
-                                          "range_end": _b64(_range_end(start))}, self.host_dir)
+        """The records and the host key, in one request per key space, writing nothing: a host
+        key that an operator deleted, or that is not on the lease, is put back by the next
+        `apply` (the keepalive cannot tell); one that names another live engine stops everything
+        (AddressConflict). A reader that holds no lease (a dry run) compares the records with the
+        host key's lease."""
+        host, kvs = None, []
+        for space in self.scope.spaces:
+            start = space + "/"
+            answer = self._post("/kv/range", {"key": _b64(space), "range_end": _b64(_range_end(start))},
+                                space)
+            for kv in answer.get("kvs") or []:
+                key = _unb64(kv.get("key"))
+                if key == self.host_dir:
+                    host = kv
+                elif key.startswith(start):  # not <prefix>/10.0.0.1-x, which sorts in between
+                    kvs.append((key, kv))
+        self._check_owner(host)
         with self._lock:
             lease = self.lease
-        values, detached, host = {}, set(), None
-        for kv in answer.get("kvs") or []:
-            key = _unb64(kv.get("key"))
-            if key == self.host_dir:
-                host = kv
-            elif key.startswith(start):  # not <prefix>/10.0.0.1-x, which sorts in between
-                values[key] = _unb64(kv.get("value"), "replace")
-                if int(kv.get("lease", 0)) != (lease or 0):
-                    detached.add(key)
-        self._check_owner(host)
-        if host is None or int(host.get("lease", 0)) != (lease or 0) or not self._is_own(host):
-            try:
-                self._put_host_key(host)
-            except _Raced:
-                with self._lock:
-                    self._ready = False
-                raise HostLost(f"host key {self.host_dir} changed under this registrar") from None
-            self._host_stored = self._owner_text()
-            log_event(logging.WARNING, f"host key {self.host_dir} was missing or not this registrar's; "
-                      "written again", event="host_key_repaired", key=self.host_dir)
+        if lease is None and self.ttl and host is not None:
+            lease = int(host.get("lease", 0)) or None
+        values = {key: _unb64(kv.get("value"), "replace") for key, kv in kvs}
+        detached = {key for key, kv in kvs if int(kv.get("lease", 0)) != (lease or 0)}
+        intact = host is not None and int(host.get("lease", 0)) == (lease or 0) and self._is_own(host)
+        self._repair = None if intact else (host or {})
         return Records(values, frozenset(detached))
+
+    def _repair_host_key(self) -> None:
+        """The host key as the last read found it missing or not this registrar's: written again,
+        only if it still holds what was found."""
+        found, self._repair = self._repair, None
+        try:
+            self._put_host_key(found or None)
+        except _Raced:
+            with self._lock:
+                self._ready = False
+            raise HostLost(f"host key {self.host_dir} changed under this registrar") from None
+        self._host_stored = self._owner_text()
+        log_event(logging.WARNING, f"host key {self.host_dir} was missing or not this registrar's; "
+                  "written again", event="host_key_repaired", key=self.host_dir)
 
     def _put_host_key(self, found: dict | None) -> None:
         """The host key, on the lease, only if it still holds what was `found` there (etcd's
@@ -2464,7 +2894,10 @@ class EtcdV3Registry(Registry):
               keep: set | None = None) -> None:
         """Deletes first, in transactions of their own, so that a refused put never holds one
         back; then puts. A refused transaction of puts is split in halves, down to the one
-        record etcd refuses, which alone is reported refused."""
+        record etcd refuses, which alone is reported refused. A host key the last read found
+        wanting is written again first: every other write is guarded by it."""
+        if self._repair is not None:
+            self._repair_host_key()
         for batch in self._batches([self._op(key, None, found=True) for key in deletes]):
             self._commit(batch, report, record=False)
         try:
@@ -2551,17 +2984,13 @@ class _Raced(Exception):
     """The host key changed between its read and a guarded write: read it again."""
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def make_registry(config: Config, pool: ThreadPoolExecutor | None = None) -> Registry:
     """The adapter for ETCD_API; v2 sends its requests one per key, on `pool`."""
     return EtcdV3Registry(config) if config.etcd_api == 3 else EtcdV2Registry(config, pool)
 
 
 # ---------------------------------------------------------------------------------------------
-# Engine: the Docker adapter. It knows containers and events and nothing of etcd.
+# 9. Docker: the engine adapter. It knows containers and events and nothing of etcd.
 # ---------------------------------------------------------------------------------------------
 
 CONTAINER_ACTIONS = ("start", "die", "destroy")
@@ -2644,6 +3073,8 @@ class DockerEngine:
             return None
         except requests.exceptions.RequestException as exc:
             raise self._unavailable(exc) from exc
+        except docker.errors.APIError as exc:  # Docker answered and could not describe this one
+            raise ContainerUnreadable(describe(exc)) from exc
 
     def events(self, since: str | None):
         """Subscribe to container events; the connection is made before this returns."""
@@ -2667,10 +3098,9 @@ class DockerEngine:
 
 
 # ---------------------------------------------------------------------------------------------
-# Liveness: the heartbeat, on its own schedule and thread
+# 10. Liveness: the heartbeat on its own thread, and who vouches for the records
 # ---------------------------------------------------------------------------------------------
 
-MAX_WAIT = 3600.0  # seconds: no wait is longer (every wait can take it, whatever the settings)
 
 
 class Heartbeat:
@@ -2789,193 +3219,217 @@ class Heartbeat:
         return delay
 
 
-# ---------------------------------------------------------------------------------------------
-# Reconciler: desired state (Docker) against actual state (etcd)
-# ---------------------------------------------------------------------------------------------
+class Liveness:
+    """Whether Docker vouches for this host's records, and the heartbeat that keeps them alive
+    while it does.
 
-UNKNOWN = object()  # a container Docker failed to describe this time: leave its record as it is
-
-
-def removal_reason(running: bool) -> str:
-    return "container no longer runs or publishes a port" if running else "container stopped or gone"
-
-
-class Refusal(NamedTuple):
-    schedule: RetrySchedule
-    due: float  # time.monotonic() of the next attempt
-    reason: str
-    armed: bool = False  # `due` was set when this attempt was taken: a new refusal keeps it
-
-
-REFUSED_RETRY_CAP = 300.0  # seconds: a refused record is retried at least this often
-
-
-class Reconciler:
-    """Keeps the host subtree equal to the running containers.
-
-    A single worker thread does all writing. Events only mark containers dirty (one entry per
-    container, so bursts coalesce and memory stays bounded); a full reconcile runs on start, on
-    every reconnect to Docker, when the host directory was lost, after an etcd failure, and every
-    `resync` seconds.
+    The TTL is refreshed only while Docker's event stream is connected. Without Docker nobody
+    can tell which containers still run (without live-restore they all died with dockerd), so
+    the records are left to expire with their liveness instead of being kept alive blind. A
+    heartbeat is due as soon as the stream is back.
     """
 
-    MAX_DIRTY = 10_000  # beyond this, one full reconcile is cheaper than tracking each container
+    def __init__(self, registry: Registry, ttl: int, stop: threading.Event,
+                 lost: Callable[[str], None], fatal: Callable[[str], None]):
+        self.registry, self.ttl = registry, ttl
+        self._lock = threading.Lock()
+        self._connected = False
+        # Docker failed to answer or its stream broke (False too before the first attempt: at
+        # start, not being connected yet says nothing of Docker)
+        self._docker_down = False
+        self._suspended = False  # Docker is unreachable: this host's records are unvouched
+        self._said = False  # the suspension was said, once per outage
+        self._prepared = False  # the registry's liveness was found or made once
+        # on its own thread (main starts it): every TTL/3 whatever the reconciler does
+        self.heartbeat = Heartbeat(registry, ttl, self.vouch, lost, fatal, stop) if ttl else None
+
+    def docker(self, connected: bool) -> None:
+        """Docker's event stream came (True) or went (False)."""
+        with self._lock:
+            self._connected = connected
+            self._docker_down = not connected
+            if connected:
+                self._suspended = False
+            warn = not connected and self._suspended and not self._said  # suspended before
+            self._said = self._said or warn  # Docker's first answer, said once it is known down
+        if warn:
+            self._say_suspended()
+        if connected:
+            self.wake()  # a heartbeat that waited for Docker is due at once
+
+    def vouch(self) -> bool:
+        """Called by the heartbeat before each attempt: whether Docker vouches for the records."""
+        with self._lock:
+            connected = self._connected
+            suspending = not connected and not self._suspended
+            if suspending:
+                self._suspended = True
+            # said once per outage, also when a stream that Docker closes at once comes and goes,
+            # and only once Docker is known to be down: not for the moment before its first answer
+            warn = suspending and not self._said and self._docker_down
+            self._said = not connected and (self._said or warn)
+        if warn:
+            self._say_suspended()
+        return connected
+
+    def prepared(self, recreated: bool) -> None:
+        """The registry's liveness is in place (`recreated`: made anew). Adopted from a run before,
+        it may have less than TTL/3 left: refreshed as soon as Docker vouches; a new one has its
+        whole TTL."""
+        heartbeat = self.heartbeat
+        if heartbeat is not None and (recreated or not self._prepared or not heartbeat.live):
+            heartbeat.renewed(adopted=not self.registry.granted_new)
+        self._prepared = True
+
+    def wake(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.wake()
+
+    def _say_suspended(self) -> None:
+        log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the "
+                  f"{self.registry.REFRESHED} of {self.registry.host_dir}; its records expire within "
+                  f"{self.ttl} s unless Docker returns", event="refresh_suspended")
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Status: what the service's threads report, published as one immutable snapshot
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The service's state at one moment: /healthz reads it; nothing here waits for a thread."""
+    events_connected: bool = False
+    last_error: str | None = None  # what failed last, until it works again
+    blocked: str | None = None  # what waits for an operator (RegistryBlocked), until it works
+    reconciled_at: float | None = None  # monotonic time of the last full reconcile done
+    full_reconciles: int = 0
+    records: int = 0  # containers whose records are known to be in etcd
+    fatal: str | None = None  # why the service must exit (code 2) instead of retrying
+
+
+class Status:
+    """The one place the reconciler, the event thread and the heartbeat report to: every change
+    replaces the snapshot under one lock, so a reader gets a consistent one without waiting."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._now = Snapshot()
+
+    def update(self, **changes) -> None:
+        with self._lock:
+            self._now = dataclasses.replace(self._now, **changes)
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            return self._now
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Reconciler: desired state (Docker) against actual state (etcd)
+# ---------------------------------------------------------------------------------------------
+
+class Reconciler:
+    """Keeps the host's keys equal to the running containers, and orchestrates: it takes work
+    from its WorkQueue, asks Docker what is wanted, plans (`plan`), applies the plan through the
+    registry and logs it; Liveness keeps the records alive, Status says how it goes.
+
+    A single worker thread does all writing. Events only mark containers dirty; a full reconcile
+    runs on start, on every reconnect to Docker, when the host's liveness was lost, after an etcd
+    failure, and every `resync` seconds.
+    """
+
+    MAX_DIRTY = WorkQueue.MAX_DIRTY
     WORKERS = 8
 
     def __init__(self, config: Config, registry: Registry, engine: DockerEngine,
-                 stop: threading.Event, pool: ThreadPoolExecutor | None = None):
+                 stop: threading.Event, pool: ThreadPoolExecutor | None = None,
+                 schedule: Callable[[], RetrySchedule] = RetrySchedule):
         self.config = config
         self.registry = registry
         self.engine = engine
         self.stop = stop
-        self._cond = threading.Condition()
-        # container id -> whether its latest event said it stopped (die, destroy): a dict, so
-        # bursts coalesce per container and memory stays bounded
-        self._dirty: dict[str, bool] = {}
-        self._full_reasons: dict[str, None] = {}  # why a full reconcile is due (an ordered set)
-        self._events_connected = False
-        self._refresh_suspended = False  # Docker is unreachable: this host's records are unvouched
-        self._suspension_said = False
-        # Docker failed to answer or its stream broke (False too before the first attempt: at
-        # start, not being connected yet says nothing of Docker)
-        self._docker_down = False
-        # containers whose latest event said they stopped, while Docker's list may still show them
-        # running (it lags behind the event by the teardown): the list is not trusted for them
-        self._stopped_lately: set[str] = set()
-        # containers known to run (their latest event was a start, or the container list shows
-        # them) -> since when: network events matter only to these
-        self._running: dict[str, float] = {}
+        self.queue = WorkQueue(config.resync, stop)
+        self.status = Status()
+        self.liveness = Liveness(registry, config.ttl, stop, self._liveness_lost, self._fail)
+        self.heartbeat = self.liveness.heartbeat  # main runs it on a thread of its own
         self.known: dict[str, Entry] = {}  # container id -> entry known to be in etcd
         self._pool = pool or ThreadPoolExecutor(self.WORKERS, thread_name_prefix="io")
-        self._resync = Timer(config.resync, due_now=False)
-        # the liveness, on its own thread (main starts it): every TTL/3 whatever happens here
-        self.heartbeat = Heartbeat(registry, config.ttl, self._vouch_for_records, self._liveness_lost,
-                                   self._fail, stop) if config.ttl else None
-        self._prepared = False  # the registry's liveness was found or made once
-        self._failures = RetrySchedule()
+        self._failures = schedule()
         # unexpected errors (bugs) back off on a schedule of their own, which a step that happens
         # to succeed in between does not reset: a bug that recurs can never loop without a wait
-        self._bugs = RetrySchedule()
+        self._bugs = schedule()
         self._bug_at = 0.0
         self._down: str | None = None  # what failed last, until it works again
-        self.blocked: str | None = None  # what waits for an operator (RegistryBlocked), until it works
         self._lost_streak = 0  # HostLost in a row, without a step that worked in between
         self._error_said = 0.0  # when an error that waits for an operator was last logged
-        self.full_reconciles = 0
-        self.reconciled_at: float | None = None  # monotonic time of the last full reconcile done
-        self.fatal: str | None = None  # why the service must exit (code 2) instead of retrying
-        # containers whose record etcd refused: retried alone, with a backoff of their own
-        self._refused: dict[str, Refusal] = {}
         # the last warning about each container that is not registered (odd data, too large): said
         # once, not at every resync; forgotten with the container
         self._warned: dict[str, str] = {}
+        self._warned_lock = threading.Lock()
 
     # -- inputs from other threads -----------------------------------------------------------
 
     def mark_dirty(self, container_id: str, stopped: bool | None = False) -> None:
-        """A container to look at; `stopped` when its latest event says it is no longer running,
-        None when the event says nothing of that (a network change).
-
-        A network change matters only to a container known to run: `docker run` connects the
-        container's networks before it starts it, and `docker stop` disconnects them after it died,
-        and looking at those would only cost an inspect per start (and slow the start's record
-        down) or undo what the die said.
-        """
-        with self._cond:
-            if stopped is None:
-                if container_id not in self._running:
-                    return
-                stopped = self._dirty.get(container_id, False)
-            if stopped:
-                self._running.pop(container_id, None)
-            elif container_id in self._running or len(self._running) < self.MAX_DIRTY:
-                self._running[container_id] = time.monotonic()
-            if len(self._dirty) >= self.MAX_DIRTY and container_id not in self._dirty:
-                self._dirty.clear()
-                self._full_reasons.setdefault(f"more than {self.MAX_DIRTY} containers pending")
-            else:
-                self._dirty.pop(container_id, None)  # keep the order of the latest events
-                self._dirty[container_id] = stopped
-            if not stopped:
-                self._stopped_lately.discard(container_id)
-            elif len(self._stopped_lately) < self.MAX_DIRTY:
-                self._stopped_lately.add(container_id)
-            self._cond.notify()
+        """A container to look at (see WorkQueue.add)."""
+        self.queue.add(container_id, stopped)
 
     def set_events_connected(self, connected: bool) -> None:
-        warn = False
-        with self._cond:
-            self._events_connected = connected
-            self._docker_down = not connected
-            if connected:
-                self._full_reasons.setdefault("connected to Docker's event stream")
-                self._refresh_suspended = False
-            elif self._refresh_suspended and not self._suspension_said:
-                warn = self._suspension_said = True  # suspended before Docker's first answer
-            self._cond.notify()
-        if warn:
-            self._say_suspended()
-        if connected and self.heartbeat is not None:
-            self.heartbeat.wake()  # a heartbeat that waited for Docker is due at once
+        if connected:
+            self.queue.resume("connected to Docker's event stream")
+        else:
+            self.queue.pause()
+        self.status.update(events_connected=connected)
+        self.liveness.docker(connected)
 
     def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-        if self.heartbeat is not None:
-            self.heartbeat.wake()
+        self.queue.wake()
+        self.liveness.wake()
 
     def _liveness_lost(self, lost: str) -> None:
         """The heartbeat found the liveness gone: the next step makes it anew (the registry says
         so then) and registers everything again."""
-        with self._cond:
-            self._full_reasons.setdefault(f"{self.registry.LIVENESS} had expired")
-            self._cond.notify_all()
+        self.queue.add_full(f"{self.registry.LIVENESS} had expired")
 
     def _fail(self, message: str) -> None:
         """Something that never fixes itself (ApiMismatch): the service exits, code 2."""
-        self.fatal = message
+        self.status.update(fatal=message)
         self.stop.set()
         self.wake()
-
-    # -- read by the health server, without a lock: it must never wait for this thread ----------
-
-    @property
-    def events_connected(self) -> bool:
-        return self._events_connected
-
-    @property
-    def last_error(self) -> str | None:
-        """What failed last, until it works again."""
-        return self._down
 
     # -- the worker ------------------------------------------------------------------------
 
     def run(self) -> None:
         while not self.stop.is_set():
-            try:
-                self._step()
-            except ApiMismatch as exc:  # never fixes itself: the service exits, code 2
-                self._fail(str(exc))
-            except HostLost as exc:
-                self._note_full(self._recreated())
-                self._lost_streak += 1
-                if self._lost_streak > 1:  # found lost again before anything worked: not at once
-                    # (two registrars of one engine, say, each rewriting the host key in turn)
-                    self._back_off(str(exc))
-            except Unavailable as exc:
-                if isinstance(exc, RegistryUnavailable):
-                    # A request that timed out may still have been applied, and etcd may have been
-                    # wiped or restored meanwhile: what it holds is read again before any write.
-                    self._note_full("etcd failed: re-reading what it holds")
-                blocked = isinstance(exc, RegistryBlocked)  # an operator must act: an error
-                self.blocked = str(exc) if blocked else None
-                self._back_off(str(exc), logging.ERROR if blocked else logging.WARNING,
-                               event=getattr(exc, "event", "retry"), **getattr(exc, "fields", {}))
-            except Exception as exc:  # a bug: log it whole, keep serving
-                log.exception("unexpected error in the reconciler: %s", exc)
-                self._bug_at = time.monotonic()
-                self._back_off(f"unexpected error: {exc}", schedule=self._bugs)
+            self.step()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def step(self) -> None:
+        """One turn: the work pending, done (or retried after a backoff), or a wait for work."""
+        try:
+            self._work()
+        except ApiMismatch as exc:  # never fixes itself: the service exits, code 2
+            self._fail(str(exc))
+        except HostLost as exc:
+            self.queue.add_full(self.registry.made_anew())
+            self._lost_streak += 1
+            if self._lost_streak > 1:  # found lost again before anything worked: not at once
+                # (two registrars of one engine, say, each rewriting the host key in turn)
+                self._back_off(str(exc))
+        except Unavailable as exc:
+            if isinstance(exc, RegistryUnavailable):
+                # A request that timed out may still have been applied, and etcd may have been
+                # wiped or restored meanwhile: what it holds is read again before any write.
+                self.queue.add_full("etcd failed: re-reading what it holds")
+            blocked = isinstance(exc, RegistryBlocked)  # an operator must act: an error
+            self.status.update(blocked=str(exc) if blocked else None)
+            self._back_off(str(exc), logging.ERROR if blocked else logging.WARNING,
+                           event=getattr(exc, "event", "retry"), **getattr(exc, "fields", {}))
+        except Exception as exc:  # a bug: log it whole, keep serving
+            log.exception("unexpected error in the reconciler: %s", exc)
+            self._bug_at = time.monotonic()
+            self._back_off(f"unexpected error: {exc}", schedule=self._bugs)
+        finally:
+            self.status.update(records=len(self.known))
 
     def _back_off(self, cause: str, level: int = logging.WARNING, event: str = "retry",
                   schedule: RetrySchedule | None = None, **fields) -> None:
@@ -2986,12 +3440,12 @@ class Reconciler:
                 level = logging.DEBUG
             else:
                 self._error_said = now
-        with self._cond:
-            pending = len(self._dirty)
+        pending = self.queue.pending()
         log_event(level,
                   f"{cause}; {pending} container(s) pending; retrying in {delay:.1f} s",
                   event=event, cause=cause, retry_in=round(delay, 3), pending=pending, **fields)
         self._down = cause
+        self.status.update(last_error=cause)
         self.stop.wait(delay)
 
     def _recovered(self) -> None:
@@ -2999,110 +3453,36 @@ class Reconciler:
             log_event(logging.INFO, f"recovered after {self._failures.failures} failed attempt(s); "
                       f"last cause: {self._down}", event="recovered")
             self._down = None
-        self.blocked = None
+        self.status.update(last_error=None, blocked=None)
         self._lost_streak = 0
         self._failures.reset()
         if time.monotonic() - self._bug_at > 60:
             self._bugs.reset()
 
-    def _recreated(self) -> str:
-        if self.registry.API == 2:
-            return f"host directory {self.registry.host_dir} was (re)created"
-        return f"lease of {self.registry.host_dir} was granted anew"
-
-    def _step(self) -> None:
+    def _work(self) -> None:
         self.registry.check_api()  # a configuration that can never work exits before Docker is asked
         if self.registry.engine_id is None:  # whose records these are: asked once Docker answers
-            with self._cond:
-                connected = self._events_connected
-            if not connected:
-                self._wait_for_work()
+            if self.queue.paused:
+                self.queue.wait()
                 return
             self.registry.engine_id = self.engine.engine_id()
         recreated = self.registry.prepare()
-        if self.heartbeat is not None and (recreated or not self._prepared or not self.heartbeat.live):
-            # adopted from a run before, it may have less than TTL/3 left: refreshed as soon as
-            # Docker vouches for the records; a new one has its whole TTL
-            self.heartbeat.renewed(adopted=not self.registry.granted_new)
-        self._prepared = True
+        self.liveness.prepared(recreated)
         if recreated:
-            self._note_full(self._recreated())
-        full, dirty = self._take_work()
+            self.queue.add_full(self.registry.made_anew())
+        full, dirty = self.queue.take()
         if full is not None:
             self._full_reconcile(full, dirty)
         elif dirty:
             self._sync(dirty)
         self._recovered()
         if full is None and not dirty:
-            self._wait_for_work()
-
-    def _vouch_for_records(self) -> bool:
-        """The TTL is refreshed only while Docker's event stream is connected.
-
-        Without Docker nobody can tell which containers still run (without live-restore they all
-        died with dockerd), so the records are left to expire with the host directory's TTL
-        instead of being kept alive blind. A refresh is due as soon as the stream is back.
-        """
-        with self._cond:
-            connected = self._events_connected
-            suspending = not connected and not self._refresh_suspended
-            if suspending:
-                self._refresh_suspended = True
-            # said once per outage, also when a stream that Docker closes at once comes and goes,
-            # and only once Docker is known to be down: not for the moment before its first answer
-            warn = suspending and not self._suspension_said and self._docker_down
-            self._suspension_said = not connected and (self._suspension_said or warn)
-        if warn:
-            self._say_suspended()
-        return connected
-
-    def _say_suspended(self) -> None:
-        what = "TTL" if self.registry.API == 2 else "lease"
-        log_event(logging.WARNING, f"Docker is unreachable: no longer refreshing the {what} of "
-                  f"{self.registry.host_dir}; its records expire within {self.config.ttl} s "
-                  "unless Docker returns", event="refresh_suspended")
-
-    def _note_full(self, reason: str) -> None:
-        with self._cond:
-            self._full_reasons.setdefault(reason)
-
-    def _take_work(self):
-        """(reasons for a full reconcile or None, dirty ids); Docker work only while connected."""
-        with self._cond:
-            if not self._events_connected:
-                return None, {}
-            if self._resync.due():
-                self._full_reasons.setdefault("periodic resync")
-            now = time.monotonic()
-            for container_id, refusal in self._refused.items():
-                if refusal.due <= now:  # its turn; the next one is armed now, whatever comes of it
-                    self._dirty.setdefault(container_id, False)
-                    self._refused[container_id] = refusal._replace(
-                        due=now + refusal.schedule.next_delay(), armed=True)
-            dirty, self._dirty = self._dirty, {}
-            if self._full_reasons:  # it looks at every container, and at these events
-                reasons, self._full_reasons = list(self._full_reasons), {}
-                return reasons, dirty
-            return None, dirty
-
-    def _wait_for_work(self) -> None:
-        with self._cond:
-            # Docker work waits for Docker: while the event stream is down, pending containers and
-            # full reconciles are no reason to run (set_events_connected wakes this thread)
-            if self.stop.is_set() or (self._events_connected and (self._dirty or self._full_reasons)):
-                return
-            deadlines = [MAX_WAIT]
-            if self._events_connected:
-                deadlines.append(self._resync.remaining())
-            if self._events_connected and self._refused:
-                now = time.monotonic()
-                deadlines.append(max(0.0, min(r.due for r in self._refused.values()) - now))
-            self._cond.wait(min(deadlines))
+            self.queue.wait()
 
     # -- desired state ---------------------------------------------------------------------
 
     def _desired(self, container_id: str, stopped: bool = False, listed: dict | None = None):
-        """Entry, None (no record wanted) or UNKNOWN (its record is left as it is this time:
+        """Entry, None (no record wanted) or UNKNOWN (its records are left as they are this time:
         Docker could not tell, or etcd refused the record and its next attempt is not due).
 
         A container whose latest event says it stopped wants no record, and is not inspected:
@@ -3112,15 +3492,15 @@ class Reconciler:
         """
         if stopped:
             return None
-        if self._refusal_pending(container_id):  # etcd refused its record: it waits for its turn
+        if self.queue.refusal_pending(container_id):  # etcd refused its record: it waits its turn
             return UNKNOWN
         inspect = listed
         if inspect is None:
             try:
                 inspect = self.engine.inspect(container_id)
-            except docker.errors.APIError as exc:
+            except ContainerUnreadable as exc:
                 log_event(logging.WARNING, f"skipping container {container_id[:12]}: inspect failed: "
-                          f"{describe(exc)}; its record is left as it is until the next resync",
+                          f"{exc}; its record is left as it is until the next resync",
                           event="skipped", id=container_id[:12])
                 return UNKNOWN
             if inspect is None:
@@ -3142,11 +3522,19 @@ class Reconciler:
 
     def _warn_once(self, container_id: str, message: str, level: int = logging.WARNING, **fields) -> None:
         """A line about a container that is not registered, said again only when it changes."""
-        with self._cond:
+        with self._warned_lock:
             if self._warned.get(container_id) == message:
                 return
             self._warned[container_id] = message
         log_event(level, message, **fields)
+
+    def _forget(self, container_ids: Iterable[str]) -> None:
+        """Containers that no longer run: nothing to retry or to warn about for them."""
+        container_ids = list(container_ids)
+        self.queue.forget(container_ids)
+        with self._warned_lock:
+            for container_id in container_ids:
+                self._warned.pop(container_id, None)
 
     def _desired_all(self, container_ids: Iterable[str], stopped: Iterable[bool] = (),
                      listed: Iterable[dict | None] = ()) -> dict:
@@ -3168,135 +3556,47 @@ class Reconciler:
             return list(map(function, *columns))
         return list(self._pool.map(function, *columns))
 
-    # -- applying --------------------------------------------------------------------------
-
-    def _apply(self, removals: list[tuple[str, Entry | None, str]], puts: list[tuple[Entry, bool]],
-               keep: set | None = None, done: set | None = None) -> int:
-        """One batch through the registry: removals (key, the entry it held or None, why), then
-        puts (entry, whether its key held a record already). Each operation is logged and known
-        as soon as it is done; `done` collects their keys. Returns how many puts etcd refused."""
-        removing = {key: (entry, why) for key, entry, why in removals}
-        putting = {entry.key: (entry, existed) for entry, existed in puts}
-        refused = []
-
-        def report(key: str, refusal: RecordRefused | None) -> None:
-            if key in removing:
-                self._removed(key, *removing[key])
-            elif refusal is not None:
-                refused.append(key)
-                self._refusal(putting[key][0], refusal)
-            else:
-                self._registered(*putting[key])
-            if done is not None:
-                done.add(key)
-
-        self.registry.apply(list(removing), [(entry.key, entry.value) for entry, _ in puts], report, keep)
-        return len(refused)
-
-    def _registered(self, entry: Entry, existed: bool) -> None:
-        with self._cond:
-            self._refused.pop(entry.container_id, None)
-        self.known[entry.container_id] = entry
-        verb = "updated" if existed else "registered"
-        log_event(logging.INFO, f"{verb} {entry.name} ({entry.container_id[:12]}) image {entry.image} "
-                  f"ports {entry.ports}", event=verb, container=entry.name,
-                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
-
-    def _removed(self, key: str, entry: Entry | None, why: str) -> None:
-        if entry is None:  # found in etcd, not known: `why` describes what it was
-            log_event(logging.INFO, f"removed stale {why}: no such running container", event="removed",
-                      key=key)
-            return
-        held = self.known.get(entry.container_id)
-        if held is not None and held.key == key:
-            self.known.pop(entry.container_id, None)
-        log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
-                  f"ports {entry.ports}: {why}", event="removed", container=entry.name,
-                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=key)
-
-    def _refusal(self, entry: Entry, exc: RecordRefused) -> None:
-        """etcd refused this container's record: it is retried alone, with a backoff of its own;
-        said once (and again if the reason changes), not at every attempt."""
-        with self._cond:
-            previous = self._refused.get(entry.container_id)
-            schedule = previous.schedule if previous else RetrySchedule(cap=REFUSED_RETRY_CAP)
-            armed = previous is not None and previous.armed  # the next attempt is set already
-            due = previous.due if armed else time.monotonic() + schedule.next_delay()
-            delay = max(0.0, due - time.monotonic())
-            self._refused[entry.container_id] = Refusal(schedule, due, str(exc))
-            self._cond.notify()
-        first = previous is None or previous.reason != str(exc)
-        log_event(logging.WARNING if first else logging.DEBUG,
-                  f"could not register {entry.name} ({entry.container_id[:12]}) image {entry.image}: "
-                  f"{exc}; retrying this container alone in {delay:.1f} s (backoff up to "
-                  f"{REFUSED_RETRY_CAP:.0f} s), the others are not held back", event="refused",
-                  container=entry.name, id=entry.container_id[:12], image=entry.image, cause=str(exc),
-                  retry_in=round(delay, 3), key=entry.key)
-
-    def _refusal_pending(self, container_id: str) -> bool:
-        with self._cond:
-            refusal = self._refused.get(container_id)  # an armed one is being tried right now
-            return refusal is not None and not refusal.armed and refusal.due > time.monotonic()
-
-    def _forget(self, container_ids: Iterable[str]) -> None:
-        """Containers that no longer run: nothing to retry or to warn about for them."""
-        with self._cond:
-            for container_id in container_ids:
-                self._refused.pop(container_id, None)
-                self._warned.pop(container_id, None)
+    # -- the two paths: an event's containers, and everything --------------------------------
 
     def _sync(self, dirty: dict[str, bool]) -> None:
         """Bring the dirty containers' keys in line, in one batch: removals first, then writes (on
-        v3, one event's change is one request). A record etcd refuses is retried alone (see
-        _refusal); on any other failure the containers not done stay dirty."""
+        v3, one event's change is one request). A record etcd refuses is retried alone; on any
+        other failure the containers not done stay dirty."""
         try:
             wanted = self._desired_all(dirty, dirty.values())
         except Exception:  # Docker failed: every one of them stays dirty
-            self._requeue(dirty)
+            self.queue.requeue(dirty)
             raise
         self._forget([cid for cid, stopped in dirty.items() if stopped])
-        removals, puts, owner = [], [], {}
         for container_id, want in wanted.items():
-            if want is UNKNOWN:
-                continue
-            have = self.known.get(container_id)
             if want is None:  # nothing to write: nothing to retry
-                with self._cond:
-                    self._refused.pop(container_id, None)
-            elif have is None or (have.key, have.value) != (want.key, want.value):
-                puts.append((want, have is not None and have.key == want.key))
-                owner[want.key] = container_id
-            else:
-                self.known[container_id] = want
-            if have is not None and (want is None or have.key != want.key):
-                why = removal_reason(not dirty[container_id]) if want is None else "key changed"
-                removals.append((have.key, have, why))
-                owner[have.key] = container_id
+                self.queue.accepted(container_id)
+        found = {key: value for cid in dirty if cid in self.known for key, value in self.known[cid].records}
+        running = [cid for cid, stopped in dirty.items() if not stopped]
+        changes = plan(wanted, found, self.known, running=running)
+        for entry in changes.untouched:
+            self.known[entry.container_id] = entry
         done: set[str] = set()
         try:
-            self._apply(removals, puts, done=done)
+            self._apply(changes, done=done)
         except Exception:
-            self._requeue({owner[key]: dirty[owner[key]] for key in owner.keys() - done})
+            involved = {r.entry.container_id for r in (*changes.removals, *changes.registrations) if r.entry}
+            self.queue.requeue({cid: dirty[cid] for cid in involved - done if cid in dirty})
             raise
-
-    def _requeue(self, dirty: dict[str, bool]) -> None:
-        with self._cond:
-            for container_id, stopped in dirty.items():
-                self._dirty.setdefault(container_id, stopped)  # a newer event knows better
 
     def _full_reconcile(self, reasons: list[str], dirty: dict[str, bool]) -> None:
         try:
             self._full_reconcile_once(reasons, dirty)
         except Exception:
-            with self._cond:
-                self._full_reasons.update(dict.fromkeys(reasons))
-            self._requeue(dirty)
+            self.queue.add_full(*reasons)
+            self.queue.requeue(dirty)
             raise
-        self.reconciled_at = time.monotonic()
-        self._resync.restart()
+        self.status.update(reconciled_at=time.monotonic(),
+                           full_reconciles=self.status.snapshot().full_reconciles + 1)
+        self.queue.resynced()
 
     def _full_reconcile_once(self, reasons: list[str], dirty: dict[str, bool]) -> None:
-        """Every running container against the whole subtree.
+        """Every running container against everything this host holds in etcd.
 
         `dirty` are the events taken with it: Docker sends `die` before its container list stops
         showing the container as running, so the latest event of a container wins over the list,
@@ -3304,66 +3604,106 @@ class Reconciler:
         container that started but is not listed yet is inspected too.
         """
         started = time.monotonic()
-        with self._cond:
-            lately = set(self._stopped_lately)
+        lately = self.queue.stopped_lately()
         listed = {c["Id"]: None if c["Id"] in lately else inspect_from_summary(c)
                   for c in self.engine.running()}
-        with self._cond:  # those the list no longer shows: it has caught up with their events
-            self._stopped_lately &= listed.keys() | (self._stopped_lately - lately)
-            for container_id in listed.keys() - lately:
-                self._running.setdefault(container_id, started)
-            for container_id, since in list(self._running.items()):
-                if container_id not in listed and since < started:  # stopped unseen, or gone
-                    del self._running[container_id]
+        self.queue.listed(listed, lately, started)
         ids = [*listed, *(cid for cid, stopped in dirty.items() if cid not in listed and not stopped)]
-        with self._cond:
-            gone = (self._refused.keys() | self._warned.keys()) - set(ids)
-        self._forget(gone)
+        with self._warned_lock:
+            warned = set(self._warned)
+        self._forget((self.queue.refused_ids() | warned) - set(ids))
         wanted = self._desired_all(ids, [dirty.get(cid, False) for cid in ids],
                                    [listed.get(cid) for cid in ids])
-        desired = {entry.key: entry for entry in wanted.values() if isinstance(entry, Entry)}
-        unknown = {cid for cid, entry in wanted.items() if entry is UNKNOWN}
         actual = self.registry.read()
+        changes = plan(wanted, actual.values, self.known, running=listed, detached=actual.detached)
+        self.known = {entry.container_id: entry for entry in changes.untouched}
+        # what stays: the adapter tidies around it (v2: directories that hold none of it)
+        refused = self._apply(changes, keep=changes.keep(actual.values))
+        self._say_reconciled(reasons, changes, refused, started)
 
-        previous, known = self.known, {}
-        for key, value in actual.values.items():  # records already right are left untouched
-            entry = desired.get(key)
-            if entry is not None and entry.value == value and key not in actual.detached:
-                known[entry.container_id] = entry
-        self.known = known
-        changed = [entry for key, entry in desired.items() if key not in actual.values
-                   or actual.values[key] != entry.value or key in actual.detached]
-        # a record etcd refused waits for its own retry, so that it costs nothing meanwhile
-        puts = [entry for entry in changed if not self._refusal_pending(entry.container_id)]
-        stale = [key for key in actual.values
-                 if key not in desired and key_container_id(key) not in unknown]
-        removals = []
-        for key in stale:
-            entry = previous.get(key_container_id(key))
-            if entry is not None and entry.key == key:  # its removal was pending: say what it was
-                removals.append((key, entry, removal_reason(entry.container_id in listed)))
-            else:
-                removals.append((key, None, describe_record(key, actual.values[key])))
-        # What stays: the adapter tidies around it (v2: directories that hold none of it).
-        keep = set(desired) | {key for key in actual.values if key_container_id(key) in unknown}
-        refused = self._apply(removals, [(entry, entry.key in actual.values) for entry in puts], keep)
-        self.full_reconciles += 1
-        routine = reasons == ["periodic resync"] and not puts and not stale
-        written = len(puts) - refused
-        with self._cond:  # refused earlier, not due yet: left as they are (UNKNOWN) this time
-            held = sum(1 for cid in unknown if cid in self._refused)
-        waiting = len(changed) - written + held
+    def _say_reconciled(self, reasons: list[str], changes: Plan, refused: int, started: float) -> None:
+        wanted = len(changes.registrations) + len(changes.untouched)
+        refused_ids = self.queue.refused_ids()
+        held = sum(1 for cid in changes.held if cid in refused_ids)  # refused earlier, not due yet
+        written = len(changes.registrations) - refused
+        waiting = refused + held
+        routine = reasons == ["periodic resync"] and not changes.registrations and not changes.removals
         log_event(logging.DEBUG if routine else logging.INFO,
-                  f"full reconcile ({', '.join(reasons)}): {len(desired) + held} record(s), "
-                  f"{written} written, {len(stale)} removed, {len(desired) - len(changed)} already right, "
-                  + (f"{waiting} refused by etcd and retried alone, " if waiting else "")
+                  f"full reconcile ({', '.join(reasons)}): {wanted + held} record(s), "
+                  f"{written} written, {len(changes.removals)} removed, {len(changes.untouched)} already "
+                  "right, " + (f"{waiting} refused by etcd and retried alone, " if waiting else "")
                   + f"in {time.monotonic() - started:.2f} s",
-                  event="reconciled", records=len(desired) + held, written=written, removed=len(stale),
-                  refused=waiting)
+                  event="reconciled", records=wanted + held, written=written,
+                  removed=len(changes.removals), refused=waiting)
+
+    # -- applying a plan, and saying what was done -------------------------------------------
+
+    def _apply(self, changes: Plan, keep: set | None = None, done: set | None = None) -> int:
+        """One batch through the registry: the plan's deletes, then its puts. A container's
+        removal or registration is logged, and known, as soon as all its keys are done; `done`
+        collects the ids of containers done. Returns how many registrations etcd refused."""
+        items = (*changes.removals, *changes.registrations)
+        owner = {key: item for item in items for key in item.keys}
+        left = {item: set(item.keys) for item in items}
+        refusals: dict = {}
+        lock = threading.Lock()  # the v2 adapter reports from the I/O pool's threads
+
+        def report(key: str, refusal: RecordRefused | None) -> None:
+            item = owner[key]
+            with lock:
+                left[item].discard(key)
+                if refusal is not None:
+                    refusals.setdefault(item, refusal)
+                if left[item]:
+                    return
+            if isinstance(item, Removal):
+                self._removed(item)
+            elif item in refusals:
+                self._refusal(item.entry, refusals[item])
+            else:
+                self._registered(item)
+            if done is not None and item.entry is not None:
+                done.add(item.entry.container_id)
+
+        self.registry.apply(changes.deletes, changes.puts, report, keep)
+        return len(refusals)
+
+    def _registered(self, registration: Registration) -> None:
+        entry = registration.entry
+        self.queue.accepted(entry.container_id)
+        self.known[entry.container_id] = entry
+        verb = "updated" if registration.existed else "registered"
+        log_event(logging.INFO, f"{verb} {entry.name} ({entry.container_id[:12]}) image {entry.image} "
+                  f"ports {entry.ports}", event=verb, container=entry.name,
+                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=entry.key)
+
+    def _removed(self, removal: Removal) -> None:
+        entry, key = removal.entry, removal.keys[0]
+        if entry is None:  # found in etcd, not known: `why` describes what it was
+            log_event(logging.INFO, f"removed stale {removal.why}: no such running container",
+                      event="removed", key=key)
+            return
+        held = self.known.get(entry.container_id)
+        if held is not None and held.key in removal.keys:
+            self.known.pop(entry.container_id, None)
+        log_event(logging.INFO, f"removed {entry.name} ({entry.container_id[:12]}) image {entry.image} "
+                  f"ports {entry.ports}: {removal.why}", event="removed", container=entry.name,
+                  id=entry.container_id[:12], image=entry.image, ports=entry.ports, key=key)
+
+    def _refusal(self, entry: Entry, exc: RecordRefused) -> None:
+        """etcd refused this container's record: it is retried alone, with a backoff of its own;
+        said once (and again if the reason changes), not at every attempt."""
+        delay, first = self.queue.refused(entry.container_id, str(exc))
+        log_event(logging.WARNING if first else logging.DEBUG,
+                  f"could not register {entry.name} ({entry.container_id[:12]}) image {entry.image}: "
+                  f"{exc}; retrying this container alone in {delay:.1f} s (backoff up to "
+                  f"{REFUSED_RETRY_CAP:.0f} s), the others are not held back", event="refused",
+                  container=entry.name, id=entry.container_id[:12], image=entry.image, cause=str(exc),
+                  retry_in=round(delay, 3), key=entry.key)
 
 
 # ---------------------------------------------------------------------------------------------
-# Event stream
+# 13. Events: Docker's event stream, followed for ever
 # ---------------------------------------------------------------------------------------------
 
 def since_from(event: Mapping) -> str | None:
@@ -3453,8 +3793,7 @@ def follow_events(engine: DockerEngine, reconciler: Reconciler, stop: threading.
 
 
 # ---------------------------------------------------------------------------------------------
-# Health: GET /healthz for the image's HEALTHCHECK, systemd and operators, and the client that
-# asks it (`register.py healthcheck`)
+# 14. Health: GET /healthz for the image's HEALTHCHECK, systemd and operators
 # ---------------------------------------------------------------------------------------------
 
 HEALTH_PATH = "/healthz"
@@ -3463,16 +3802,17 @@ HEALTH_BODY_LIMIT = 64 * 1024  # bytes of an answer it reads (a health body take
 
 
 class Health:
-    """What /healthz says. Read from plain attributes that the reconciler, the event thread, the
-    registry and the Docker adapter set, without waiting for any of them: a health probe never
-    waits for the reconciler (a worker stuck in a request shows here as what it waits for)."""
+    """What /healthz says. Read from the reconciler's Status snapshot, the registry's last
+    answer and the Docker adapter's requests under way, each under a lock held for no longer
+    than a read: a health probe never waits for the reconciler (a worker stuck in a request
+    shows here as what it waits for)."""
 
     DOCKER_WAIT = 5.0  # seconds a request to Docker may take before it is a reason (one takes ms)
 
-    def __init__(self, config: Config, reconciler: Reconciler, registry: Registry,
+    def __init__(self, config: Config, status: Status, registry: Registry,
                  engine: DockerEngine | None = None, clock: Callable[[], float] = time.monotonic):
         self.config = config
-        self.reconciler = reconciler
+        self.status = status
         self.registry = registry
         self.engine = engine
         self.clock = clock
@@ -3487,10 +3827,11 @@ class Health:
         """(healthy, the JSON body)."""
         now = self.clock()
         reasons = []
-        connected = self.reconciler.events_connected
+        status = self.status.snapshot()
+        connected = status.events_connected
         if not connected:
             reasons.append("Docker's event stream is not connected")
-        blocked = self.reconciler.blocked
+        blocked = status.blocked
         if blocked:  # etcd answers, and refuses: nothing registers until an operator acts
             reasons.append(f"blocked until an operator acts: {blocked}")
         waiting = self.engine.waiting_since() if self.engine is not None else None
@@ -3498,18 +3839,18 @@ class Health:
             reasons.append(f"a request to Docker has been waiting {now - waiting:.1f} s")
         etcd_age = self._age(now, self.registry.answered_at, self.etcd_limit, reasons,
                              "etcd has not answered yet", "etcd last answered")
-        reconcile_age = self._age(now, self.reconciler.reconciled_at, self.reconcile_limit, reasons,
+        reconcile_age = self._age(now, status.reconciled_at, self.reconcile_limit, reasons,
                                   "no full reconcile has succeeded yet",
                                   "the last full reconcile succeeded")
         body = {"status": "unhealthy" if reasons else "ok"}
         if reasons:
             body["reasons"] = reasons
-            if self.reconciler.last_error:
-                body["last_error"] = self.reconciler.last_error
+            if status.last_error:
+                body["last_error"] = status.last_error
         body.update({"host_ip": self.config.host_ip, "etcd_api": self.config.etcd_api,
                      "docker_events": "connected" if connected else "disconnected",
                      "etcd_answered_seconds_ago": etcd_age, "full_reconcile_seconds_ago": reconcile_age,
-                     "records": len(self.reconciler.known)})
+                     "records": status.records})
         return not reasons, body
 
     @staticmethod
@@ -3644,6 +3985,10 @@ class HealthServer(http.server.ThreadingHTTPServer):
         threading.Thread(target=self.serve_forever, name="health", daemon=True).start()
 
 
+# ---------------------------------------------------------------------------------------------
+# 15. CLI: the commands beside the service (`register.py healthcheck`)
+# ---------------------------------------------------------------------------------------------
+
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """A health signal answers itself: a redirect is an answer that is not 200."""
 
@@ -3673,19 +4018,13 @@ def healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
                                  "when it is healthy, 1 otherwise: for Docker's HEALTHCHECK and "
                                  "for operators.")
     setting = SETTING["REGISTER_HEALTH_ADDR"]
-    parser.add_argument(setting.flag, dest=setting.env, metavar=setting.env, default=None,
-                        help=f"the service's health address [env {setting.env}]")
+    setting.add_to(parser)
     try:
-        flag_value = getattr(parser.parse_args(argv), setting.env)
-        source, text = (setting.flag, flag_value) if flag_value is not None else (
-            setting.env, environ.get(setting.env, ""))
-        if not text.strip():
+        address = setting_value(setting, getattr(parser.parse_args(argv), setting.env), environ)
+        if address is None:
             raise ConfigError(f"{setting.env} is not set (nor {setting.flag}); expected the address "
                               f"the service's health server listens on, e.g. {setting.env}={setting.example}")
-        try:
-            host, port = parse_listen_address(text.strip())
-        except ValueError as exc:
-            raise _problem(setting, source, text, str(exc)) from None
+        host, port = address
     except ConfigError as exc:
         print(f"{PROG} healthcheck: error: {exc}", file=sys.stderr)
         return 2
@@ -3724,7 +4063,7 @@ def healthcheck(argv: list[str], environ: Mapping[str, str]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Main
+# 16. Main: the threads, signals and shutdown
 # ---------------------------------------------------------------------------------------------
 
 SHUTDOWN_SECONDS = 1.8  # SIGTERM to exit: within 2 s, whatever etcd and Docker are doing
@@ -3766,7 +4105,7 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
         log_event(logging.WARNING, warning, event="host_ip")
     if config.health_addr:
         try:
-            server = HealthServer(config.health_addr, Health(config, reconciler, registry, engine))
+            server = HealthServer(config.health_addr, Health(config, reconciler.status, registry, engine))
         except OSError as exc:  # the port is taken, or the address is not this host's
             host, port = config.health_addr
             print(f"{PROG}: error: the health address {f'[{host}]' if ':' in host else host}:{port} "
@@ -3791,8 +4130,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] = os.environ)
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic() - (DEREGISTER_SECONDS
                                                             if config.deregister_on_exit else 0)))
-    if reconciler.fatal:
-        print(f"{PROG}: error: {reconciler.fatal}", file=sys.stderr)
+    fatal = reconciler.status.snapshot().fatal
+    if fatal:
+        print(f"{PROG}: error: {fatal}", file=sys.stderr)
         return 2
     deleted = deregister(registry, deadline) if config.deregister_on_exit else False
     log.info("stopped; %d record(s) left in place", 0 if deleted else len(reconciler.known))

@@ -27,11 +27,12 @@ def report_at(now: float, *, connected=True, answered=None, reconciled=None, ttl
               error=None, docker_waiting=None, blocked=None):
     config = register.load_config([], {"ETCD_ENDPOINT": "127.0.0.1:2379", "HOST_IP": HOST,
                                        "REGISTER_TTL": str(ttl), "REGISTER_RESYNC": str(resync)})
-    reconciler = SimpleNamespace(events_connected=connected, reconciled_at=reconciled, last_error=error,
-                                 known={"a": None, "b": None}, blocked=blocked)
+    status = register.Status()
+    status.update(events_connected=connected, reconciled_at=reconciled, last_error=error, records=2,
+                  blocked=blocked)
     registry = SimpleNamespace(answered_at=answered)
     engine = SimpleNamespace(waiting_since=lambda: docker_waiting)
-    return register.Health(config, reconciler, registry, engine, clock=lambda: now).report()
+    return register.Health(config, status, registry, engine, clock=lambda: now).report()
 
 
 def test_healthy_at_the_limits_and_unhealthy_past_them():
@@ -95,8 +96,8 @@ def healthcheck(port: int) -> subprocess.CompletedProcess:
 
 def start_with_health(start, **settings):
     port = testbed.free_port()
-    registrar = start(args=("--health-addr", f"127.0.0.1:{port}"), **settings)
-    registrar.wait_for_log(f"health signal at http://127.0.0.1:{port}/healthz")
+    registrar = start(args=("--health-addr", f"127.0.0.1:{port}"), env={"LOG_FORMAT": "json"}, **settings)
+    registrar.wait_for_event("health_server", url=f"http://127.0.0.1:{port}/healthz")
     return registrar, port, f"http://127.0.0.1:{port}/healthz"
 
 
@@ -168,8 +169,8 @@ def test_unhealthy_while_etcd_is_stopped_then_healthy_again(docker, registrar, p
 
 def test_unhealthy_until_etcd_first_answers(docker, registrar, prefix):
     r, port, url = start_with_health(registrar, endpoint=f"127.0.0.1:{testbed.free_port()}")
-    r.wait_for_log("retrying in")
-    r.wait_for_log("connected to Docker at ")
+    r.wait_for_event("retry", cause=lambda cause: cause.startswith("etcd at http://127.0.0.1:"))
+    r.wait_for_event("connected")
     status, body = health(url)
     assert status == 503
     assert body["reasons"] == ["etcd has not answered yet", "no full reconcile has succeeded yet"]
@@ -310,7 +311,10 @@ def test_clients_that_say_nothing_cannot_pile_up_threads_nor_hold_the_server(doc
         connection.close()
     time.sleep(0.5)
     assert _answers(url)
-    assert "Traceback" not in r.log and "Exception occurred" not in r.log, r.log[-2000:]
+    # nothing but the JSON log's lines (socketserver prints its "Exception occurred" and a traceback
+    # raw), and none carries a traceback
+    assert [line for line in r.log.splitlines() if not line.startswith("{")] == [], r.log[-2000:]
+    assert not [e for e in r.entries() if "traceback" in e], r.log[-2000:]
 
 
 def _answers(url: str) -> bool:

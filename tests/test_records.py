@@ -2,7 +2,7 @@
 
 tests/fixtures/inspect/*.json were written by tests/capture_fixtures.py; each keeps the `docker run`
 command line that made the container. Expected keys and values are written out in full: they are
-the registry contract (shared/DESIGN.md, section 1), byte for byte.
+the registry contract (docs/architecture.md, "The registry contract"), byte for byte.
 """
 from __future__ import annotations
 

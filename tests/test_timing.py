@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +28,7 @@ class FakeRegistry:
     """The registry seam (register.Registry), in memory: for the reconciler's timing alone."""
     API = 2
     LIVENESS = "host directory"
+    REFRESHED = "TTL"
     host_dir = "/registered/10.0.0.1"
     endpoints = (Endpoint("http", "127.0.0.1", 2379),)
     beat_endpoint = endpoints[0]
@@ -50,6 +50,9 @@ class FakeRegistry:
 
     def liveness(self):
         return f"host directory {self.host_dir}"
+
+    def made_anew(self):
+        return f"host directory {self.host_dir} was (re)created"
 
     def heartbeat(self, timeout):
         self.timeouts.append(timeout)
@@ -84,10 +87,12 @@ class FakeEngine:
         return []
 
 
-def reconciler(cfg: Config, registry=None, engine=None) -> Reconciler:
-    stop = threading.Event()
-    stop.set()  # nothing waits: each test drives the steps itself
-    return Reconciler(cfg, registry or FakeRegistry(), engine or FakeEngine(), stop)
+def reconciler(cfg: Config, registry=None, engine=None, stop=None) -> Reconciler:
+    if stop is None:
+        stop = threading.Event()
+        stop.set()  # nothing waits: each test drives the steps itself
+    return Reconciler(cfg, registry or FakeRegistry(), engine or FakeEngine(), stop,
+                      schedule=lambda: RetrySchedule(jitter=None))
 
 
 def test_backoff_schedule_doubles_from_half_a_second_up_to_ten():
@@ -123,7 +128,7 @@ def test_the_ttl_is_refreshed_every_third_of_the_ttl():
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30), registry)
         worker.set_events_connected(True)
-        worker._step()  # the host directory is adopted: the heartbeat is due at once
+        worker.step()  # the host directory is adopted: the heartbeat is due at once
         refreshes = []
         for _ in range(31):
             worker.heartbeat.step()
@@ -139,7 +144,7 @@ def test_no_refresh_while_docker_is_unreachable_then_one_as_soon_as_it_is_back(c
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30), registry)
         worker.set_events_connected(True)
-        worker._step()
+        worker.step()
         clock.tick(10)
         worker.heartbeat.step()
         assert registry.refreshes == 1
@@ -214,7 +219,7 @@ def test_no_refresh_without_ttl():
         worker = reconciler(config(ttl=0), registry)
         worker.set_events_connected(True)
         for _ in range(5):
-            worker._step()
+            worker.step()
             clock.tick(100)
     assert registry.refreshes == 0 and worker.heartbeat is None
 
@@ -223,17 +228,17 @@ def test_full_reconcile_on_connect_then_every_resync_interval(caplog):
     caplog.set_level(logging.DEBUG, logger="register")
     with freeze_time("2026-11-22 00:00:00") as clock:
         worker = reconciler(config(ttl=0, resync=60))
-        worker._step()
-        assert worker.full_reconciles == 0  # not before Docker's event stream is connected
+        worker.step()
+        assert worker.status.snapshot().full_reconciles == 0  # not before Docker's event stream is connected
         worker.set_events_connected(True)
-        worker._step()
-        assert worker.full_reconciles == 1
+        worker.step()
+        assert worker.status.snapshot().full_reconciles == 1
         clock.tick(59)
-        worker._step()
-        assert worker.full_reconciles == 1
+        worker.step()
+        assert worker.status.snapshot().full_reconciles == 1
         clock.tick(1)
-        worker._step()
-        assert worker.full_reconciles == 2
+        worker.step()
+        assert worker.status.snapshot().full_reconciles == 2
     reasons = [r.getMessage().split(":")[0] for r in caplog.records if "full reconcile" in r.getMessage()]
     assert reasons == ["full reconcile (connected to Docker's event stream)",
                        "full reconcile (periodic resync)"]
@@ -244,12 +249,12 @@ def test_a_refresh_that_finds_the_directory_gone_triggers_a_full_reconcile(caplo
         registry = FakeRegistry()
         worker = reconciler(config(ttl=30, resync=600), registry)
         worker.set_events_connected(True)
-        worker._step()
+        worker.step()
         registry.dir_present = False
         clock.tick(10)
         worker.heartbeat.step()  # on its own thread in the service
-        worker._step()
-    assert worker.full_reconciles == 2
+        worker.step()
+    assert worker.status.snapshot().full_reconciles == 2
     reasons = [r.getMessage().split(":")[0] for r in caplog.records if "full reconcile" in r.getMessage()]
     assert reasons == ["full reconcile (connected to Docker's event stream)",
                        "full reconcile (host directory had expired)"]
@@ -259,11 +264,8 @@ def test_each_retry_is_logged_with_its_cause_and_delay(caplog):
     port = free_port()  # nothing listens there: a real "connection refused"
     cfg = config(port=port)
     worker = reconciler(cfg, EtcdRegistry(cfg))
-    worker._failures = RetrySchedule(jitter=None)
-    for _ in range(3):  # what run() does on each failed step
-        with pytest.raises(register.RegistryUnavailable) as raised:
-            worker._step()
-        worker._back_off(str(raised.value))
+    for _ in range(3):
+        worker.step()
     cause = f"etcd at http://127.0.0.1:{port} failed: connection refused"
     assert [r.getMessage() for r in caplog.records if r.name == "register"] == [
         f"{cause}; 0 container(s) pending; retrying in 0.5 s",
@@ -319,15 +321,15 @@ def test_a_failed_put_leaves_the_container_dirty_until_it_succeeds():
     inspect = wildcard_inspect()
     registry = FlakyRegistry()
     worker = reconciler(config(ttl=0), registry, OneContainerEngine(inspect))
-    worker._events_connected = True  # as if connected, without the full reconcile it would ask for
+    worker.set_events_connected(True)  # its full reconcile finds nothing in Docker's list
     worker.mark_dirty(inspect["Id"])
     for _ in range(3):
-        with pytest.raises(register.RegistryUnavailable):
-            worker._step()
-        assert worker._dirty == {inspect["Id"]: False} and worker.known == {}
+        worker.step()
+        assert worker.queue.dirty() == {inspect["Id"]: False} and worker.known == {}
+        assert worker.status.snapshot().last_error == "etcd at http://127.0.0.1:2379 failed: timed out"
     registry.failing = False
-    worker._step()
-    assert worker._dirty == {}
+    worker.step()
+    assert worker.queue.dirty() == {}
     key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
     assert list(registry.records) == [key]
     assert worker.known[inspect["Id"]].key == key
@@ -337,17 +339,17 @@ def test_a_container_that_stopped_goes_without_an_inspect_unless_it_started_agai
     inspect = wildcard_inspect()
     registry, engine = FlakyRegistry(failing=False), OneContainerEngine(inspect)
     worker = reconciler(config(ttl=0), registry, engine)
-    worker._events_connected = True
+    worker.set_events_connected(True)
     key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
     worker.mark_dirty(inspect["Id"])  # start
-    worker._step()
+    worker.step()
     assert (list(registry.records), engine.inspects) == ([key], 1)
     worker.mark_dirty(inspect["Id"], stopped=True)  # die: Docker would make an inspect wait
-    worker._step()
+    worker.step()
     assert (registry.records, engine.inspects, worker.known) == ({}, 1, {})
     worker.mark_dirty(inspect["Id"], stopped=True)  # docker restart: die, then start, coalesced
     worker.mark_dirty(inspect["Id"])
-    worker._step()
+    worker.step()
     assert (list(registry.records), engine.inspects) == ([key], 2)
 
 
@@ -366,11 +368,11 @@ def test_a_die_event_wins_over_a_container_list_that_still_shows_the_container_r
     worker = reconciler(config(ttl=0), registry, engine)
     worker.set_events_connected(True)  # a full reconcile is due
     worker.mark_dirty(inspect["Id"], stopped=True)  # and the container died meanwhile
-    worker._step()
-    assert (registry.records, engine.inspects, worker.full_reconciles) == ({}, 0, 1)
+    worker.step()
+    assert (registry.records, engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 0, 1)
     worker.mark_dirty(inspect["Id"])  # started again: the list is trusted for it again
-    worker._note_full("periodic resync")
-    worker._step()
+    worker.queue.add_full("periodic resync")
+    worker.step()
     assert registry.records == {f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}": (
         f'[{{"container":"{inspect["Id"]}","image":"regtest::busybox:1","ip":"10.0.0.1",'
         '"public_port":"8080","private_port":"80","port_type":"tcp"}]')}
@@ -382,17 +384,21 @@ def test_a_container_that_stopped_lately_is_inspected_while_the_list_still_shows
     dead["State"] = {**dead["State"], "Running": False, "Status": "exited"}
     registry, engine = FlakyRegistry(failing=False), ListingEngine(dead)
     worker = reconciler(config(ttl=0), registry, engine)
-    worker._events_connected = True
+    worker.set_events_connected(True)
+    worker.step()  # the list shows it running, as it did before the die: registered from the list
+    key = f"/registered/10.0.0.1/regtest::busybox:1/{dead['Id']}"
+    assert (list(registry.records), engine.inspects, worker.status.snapshot().full_reconciles) == (
+        [key], 0, 1)
     worker.mark_dirty(dead["Id"], stopped=True)  # die: handled at once, without an inspect
-    worker._step()
-    assert (registry.records, engine.inspects, worker.full_reconciles) == ({}, 0, 0)
-    worker._note_full("periodic resync")  # the list lags behind the event: it shows it running
-    worker._step()
-    assert (registry.records, engine.inspects, worker.full_reconciles) == ({}, 1, 1)
+    worker.step()
+    assert (registry.records, engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 0, 1)
+    worker.queue.add_full("periodic resync")  # the list lags behind the event: it shows it running
+    worker.step()
+    assert (registry.records, engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 1, 2)
     engine.running = list  # once the list has caught up, it is trusted again
-    worker._note_full("periodic resync")
-    worker._step()
-    assert worker._stopped_lately == set()
+    worker.queue.add_full("periodic resync")
+    worker.step()
+    assert worker.queue.stopped_lately() == set()
 
 
 class RefusingRegistry(FlakyRegistry):
@@ -425,26 +431,25 @@ def test_a_refused_record_is_retried_alone_with_its_own_backoff_and_said_once(ca
     registry = RefusingRegistry({bad["Id"]})
     with freeze_time("2026-11-22 00:00:00") as clock:
         worker = reconciler(config(ttl=0), registry, ManyContainerEngine([good, bad]))
-        worker._events_connected = True
+        worker.set_events_connected(True)
         worker.mark_dirty(bad["Id"])
         worker.mark_dirty(good["Id"])
-        worker._step()  # no exception: the refusal holds back nothing and stops nothing
+        worker.step()  # no exception: the refusal holds back nothing and stops nothing
         assert list(registry.records) == [f"/registered/10.0.0.1/regtest::busybox:1/{good['Id']}"]
-        assert registry.attempts == 1 and worker._dirty == {}
-        refusal = worker._refused[bad["Id"]]
-        assert 0 <= refusal.due - time.monotonic() <= 0.5
-        worker._step()
+        assert registry.attempts == 1 and worker.queue.dirty() == {}
+        assert 0 <= worker.queue.refusals()[bad["Id"]] <= 0.5
+        worker.step()
         assert registry.attempts == 1  # not before its time
         for _ in range(40):  # 20 s: retried on the schedule 0.5, 1, 2, 4, 8 s (at most, with jitter)
             clock.tick(0.5)
-            worker._step()
+            worker.step()
         assert 5 <= registry.attempts <= 40
         registry.refuse.clear()  # etcd accepts it now (say the operator raised a limit)
         clock.tick(300)
-        worker._step()
+        worker.step()
         assert sorted(registry.records) == sorted(f"/registered/10.0.0.1/regtest::busybox:1/{c['Id']}"
                                                   for c in (good, bad))
-        assert worker._refused == {}
+        assert worker.queue.refusals() == {}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         f"could not register bad ({'b' * 12}) image regtest/busybox:1: etcd refused it: Invalid POST form : "
@@ -457,17 +462,18 @@ def test_network_events_matter_only_to_containers_known_to_run():
     worker = reconciler(config(ttl=0))
     cid = "c" * 64
     worker.mark_dirty(cid, stopped=None)  # docker run connects the networks before the start
-    assert worker._dirty == {}  # no inspect of a container that is only being created
+    assert worker.queue.dirty() == {}  # no inspect of a container that is only being created
     worker.mark_dirty(cid)  # start
-    worker._dirty.clear()
+    worker.queue.resume("connected")
+    worker.queue.take()
     worker.mark_dirty(cid, stopped=None)  # a network connect or disconnect while it runs: look again
-    assert worker._dirty == {cid: False}
+    assert worker.queue.dirty() == {cid: False}
     worker.mark_dirty(cid, stopped=True)  # die
     worker.mark_dirty(cid, stopped=None)  # then Docker's network disconnect: the die holds
-    assert worker._dirty == {cid: True}
-    worker._dirty.clear()
+    assert worker.queue.dirty() == {cid: True}
+    worker.queue.take()
     worker.mark_dirty(cid, stopped=None)  # one more, after the die was handled: nothing to do
-    assert worker._dirty == {}
+    assert worker.queue.dirty() == {}
 
 
 # -- the heartbeat: its own schedule, attempts bounded by the interval, failover at once ---------
@@ -567,15 +573,13 @@ class CountingStop(threading.Event):
 def test_an_unexpected_error_that_recurs_backs_off_even_when_steps_succeed_in_between(caplog):
     """A bug after a step's work was done (the wait itself failing) must still back off: the
     "recovered" of the step before it once reset the backoff, and the bug looped every 0.5 s."""
-    worker = reconciler(config(ttl=0))
-    worker.stop = CountingStop(6)
-    worker._bugs = RetrySchedule(jitter=None)
+    worker = reconciler(config(ttl=0), stop=CountingStop(6))
     worker.set_events_connected(True)
 
     def broken_wait():
         raise OverflowError("timestamp out of range for platform time_t")
 
-    worker._wait_for_work = broken_wait
+    worker.queue.wait = broken_wait
     worker.run()
     assert worker.stop.waits == [0.5, 1, 2, 4, 8, 10]
     assert sum("unexpected error in the reconciler" in r.getMessage() for r in caplog.records) == 6
@@ -588,9 +592,7 @@ def test_a_host_key_found_lost_again_and_again_backs_off_after_the_first_time(ca
         def read(self):
             raise register.HostLost("host key /registered/10.0.0.1 no longer holds this registrar's record")
 
-    worker = reconciler(config(ttl=0), Guarded())
-    worker.stop = CountingStop(4)
-    worker._failures = RetrySchedule(jitter=None)
+    worker = reconciler(config(ttl=0), Guarded(), stop=CountingStop(4))
     worker.set_events_connected(True)
     worker.run()
     assert worker.stop.waits == [0.5, 1, 2, 4]  # 5 losses: the first without a wait
