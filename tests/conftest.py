@@ -37,13 +37,32 @@ def flavour(request) -> dict:
     return {"name": request.param, **FLAVOURS[request.param]}
 
 
+# The fast tier (scripts/test --fast, pytest -m fast) is every test that needs neither root, nor
+# Debian's tools, nor a daemon, nor the network: one that carries none of these markers (a module
+# that needs more declares `pytestmark = pytest.mark.integration`) and whose fixture closure holds
+# no fixture of the test bed. Every fixture that starts a part of it (dockerd, etcd, the image
+# registry, register.py) depends on workdir, so workdir stands for all of them.
+NOT_FAST_MARKERS = ("integration", "chaos", "slow")
+TESTBED_FIXTURE = "workdir"
+
+
+def is_fast(item: pytest.Item) -> bool:
+    return (TESTBED_FIXTURE not in getattr(item, "fixturenames", ())
+            and not any(item.get_closest_marker(name) for name in NOT_FAST_MARKERS))
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m selection reads the `fast` marker
 def pytest_collection_modifyitems(config, items):
-    """Tests of v2 mechanics (directories, python-etcd) run on the v2 flavour only."""
+    """Tests of v2 mechanics (directories, python-etcd) run on the v2 flavour only; the tests of
+    the fast tier are marked `fast` (marking deselects nothing)."""
     kept = [item for item in items if not (item.get_closest_marker("v2_only") and getattr(
         item, "callspec", None) and item.callspec.params.get("flavour") == "v3")]
     if len(kept) != len(items):
         config.hook.pytest_deselected(items=[item for item in items if item not in kept])
         items[:] = kept
+    for item in items:
+        if is_fast(item):
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")

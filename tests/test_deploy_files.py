@@ -24,6 +24,9 @@ from pathlib import Path
 import pytest
 import testbed
 
+# validates with vagrant, docker-compose, ignition and shellcheck, which the full run installs
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parent.parent
 VAGRANT_DIR = ROOT / "vagrant"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
