@@ -183,5 +183,8 @@ class V3Store(Store):
     def revoke(self, lease: int) -> None:
         self.call("lease/revoke", {"ID": str(lease)})
 
+    def grant_lease(self, ttl: int) -> int:
+        return int(self.call("lease/grant", {"TTL": ttl})["ID"])
+
     def wait_for_revision_change(self, seconds: float) -> None:
         time.sleep(seconds)

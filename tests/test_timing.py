@@ -1,7 +1,10 @@
 """Time logic under a frozen clock: backoff schedules, TTL refresh and resync timing.
 
-The reconciler is driven step by step with a fake registry and a fake engine (pure unit tests of
-its scheduling); the retry test talks to a real closed port, so the failure is a real one.
+The reconciler is driven step by step through its public methods (step, mark_dirty, queue, status)
+with a fake engine. Its timing tests (heartbeat, resync) count the requests of a registry made
+for them; its behaviour (requeue, refusals, what a stopped container costs) is tested on the
+verified fake (tests/memory_registry.py), which passes the contract suite of the etcd adapters.
+The retry test talks to a real closed port, so the failure is a real one.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from freezegun import freeze_time
+from memory_registry import MemoryEtcd, MemoryRegistry, MemoryStore
 from testbed import free_port
 
 import register
@@ -289,17 +293,16 @@ def test_describe_gives_the_root_cause(exception, text):
         assert register.describe(outer) == text
 
 
-class FlakyRegistry(FakeRegistry):
-    """Fails every put until told otherwise."""
+def memory(cfg: Config) -> MemoryRegistry:
+    """The verified fake, for one host whose engine is known."""
+    registry = MemoryRegistry(cfg, MemoryEtcd())
+    registry.engine_id = "engine-1"
+    return registry
 
-    def __init__(self, failing: bool = True):
-        super().__init__()
-        self.failing = failing
 
-    def put(self, key, value):
-        if self.failing:
-            raise register.RegistryUnavailable("etcd at http://127.0.0.1:2379 failed: timed out")
-        self.records[key] = value
+def records(registry: MemoryRegistry) -> dict[str, str]:
+    """What etcd holds below the host key, read as a test reads etcd."""
+    return MemoryStore(registry.etcd).records(registry.host_dir)
 
 
 class OneContainerEngine(FakeEngine):
@@ -319,38 +322,42 @@ def wildcard_inspect() -> dict:
 
 def test_a_failed_put_leaves_the_container_dirty_until_it_succeeds():
     inspect = wildcard_inspect()
-    registry = FlakyRegistry()
+    registry = memory(config(ttl=0))
+    registry.etcd.down = "timed out"
     worker = reconciler(config(ttl=0), registry, OneContainerEngine(inspect))
     worker.set_events_connected(True)  # its full reconcile finds nothing in Docker's list
     worker.mark_dirty(inspect["Id"])
     for _ in range(3):
         worker.step()
         assert worker.queue.dirty() == {inspect["Id"]: False} and worker.known == {}
-        assert worker.status.snapshot().last_error == "etcd at http://127.0.0.1:2379 failed: timed out"
-    registry.failing = False
+        assert worker.status.snapshot().last_error == "etcd at memory failed: timed out"
+        assert registry.etcd.kvs == {}
+    registry.etcd.down = None
     worker.step()
     assert worker.queue.dirty() == {}
     key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
-    assert list(registry.records) == [key]
+    assert list(records(registry)) == [key]
     assert worker.known[inspect["Id"]].key == key
 
 
 def test_a_container_that_stopped_goes_without_an_inspect_unless_it_started_again():
     inspect = wildcard_inspect()
-    registry, engine = FlakyRegistry(failing=False), OneContainerEngine(inspect)
+    registry, engine = memory(config(ttl=0)), OneContainerEngine(inspect)
     worker = reconciler(config(ttl=0), registry, engine)
     worker.set_events_connected(True)
     key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
     worker.mark_dirty(inspect["Id"])  # start
     worker.step()
-    assert (list(registry.records), engine.inspects) == ([key], 1)
+    assert (list(records(registry)), engine.inspects) == ([key], 1)
     worker.mark_dirty(inspect["Id"], stopped=True)  # die: Docker would make an inspect wait
     worker.step()
-    assert (registry.records, engine.inspects, worker.known) == ({}, 1, {})
+    assert (records(registry), engine.inspects, worker.known) == ({}, 1, {})
     worker.mark_dirty(inspect["Id"], stopped=True)  # docker restart: die, then start, coalesced
     worker.mark_dirty(inspect["Id"])
+    writes = registry.etcd.writes
     worker.step()
-    assert (list(registry.records), engine.inspects) == ([key], 2)
+    assert (list(records(registry)), engine.inspects) == ([key], 2)
+    assert registry.etcd.writes == writes + 1  # one write request for the two events
 
 
 class ListingEngine(OneContainerEngine):
@@ -364,16 +371,16 @@ class ListingEngine(OneContainerEngine):
 
 def test_a_die_event_wins_over_a_container_list_that_still_shows_the_container_running():
     inspect = wildcard_inspect()
-    registry, engine = FlakyRegistry(failing=False), ListingEngine(inspect)
+    registry, engine = memory(config(ttl=0)), ListingEngine(inspect)
     worker = reconciler(config(ttl=0), registry, engine)
     worker.set_events_connected(True)  # a full reconcile is due
     worker.mark_dirty(inspect["Id"], stopped=True)  # and the container died meanwhile
     worker.step()
-    assert (registry.records, engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 0, 1)
+    assert (records(registry), engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 0, 1)
     worker.mark_dirty(inspect["Id"])  # started again: the list is trusted for it again
     worker.queue.add_full("periodic resync")
     worker.step()
-    assert registry.records == {f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}": (
+    assert records(registry) == {f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}": (
         f'[{{"container":"{inspect["Id"]}","image":"regtest::busybox:1","ip":"10.0.0.1",'
         '"public_port":"8080","private_port":"80","port_type":"tcp"}]')}
     assert engine.inspects == 0
@@ -382,39 +389,23 @@ def test_a_die_event_wins_over_a_container_list_that_still_shows_the_container_r
 def test_a_container_that_stopped_lately_is_inspected_while_the_list_still_shows_it_running():
     dead = wildcard_inspect()
     dead["State"] = {**dead["State"], "Running": False, "Status": "exited"}
-    registry, engine = FlakyRegistry(failing=False), ListingEngine(dead)
+    registry, engine = memory(config(ttl=0)), ListingEngine(dead)
     worker = reconciler(config(ttl=0), registry, engine)
     worker.set_events_connected(True)
     worker.step()  # the list shows it running, as it did before the die: registered from the list
     key = f"/registered/10.0.0.1/regtest::busybox:1/{dead['Id']}"
-    assert (list(registry.records), engine.inspects, worker.status.snapshot().full_reconciles) == (
+    assert (list(records(registry)), engine.inspects, worker.status.snapshot().full_reconciles) == (
         [key], 0, 1)
     worker.mark_dirty(dead["Id"], stopped=True)  # die: handled at once, without an inspect
     worker.step()
-    assert (registry.records, engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 0, 1)
+    assert (records(registry), engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 0, 1)
     worker.queue.add_full("periodic resync")  # the list lags behind the event: it shows it running
     worker.step()
-    assert (registry.records, engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 1, 2)
+    assert (records(registry), engine.inspects, worker.status.snapshot().full_reconciles) == ({}, 1, 2)
     engine.running = list  # once the list has caught up, it is trusted again
     worker.queue.add_full("periodic resync")
     worker.step()
     assert worker.queue.stopped_lately() == set()
-
-
-class RefusingRegistry(FlakyRegistry):
-    """etcd answers, and refuses the records of the containers named in `refuse`."""
-
-    def __init__(self, refuse: set[str]):
-        super().__init__(failing=False)
-        self.refuse = refuse
-        self.attempts = 0
-
-    def put(self, key, value):
-        if key.rsplit("/", 1)[-1] in self.refuse:
-            self.attempts += 1
-            raise register.RecordRefused("etcd refused it: Invalid POST form : http: POST too large "
-                                         "(HTTP 400)")
-        super().put(key, value)
 
 
 class ManyContainerEngine(FakeEngine):
@@ -428,32 +419,34 @@ class ManyContainerEngine(FakeEngine):
 def test_a_refused_record_is_retried_alone_with_its_own_backoff_and_said_once(caplog):
     good, bad = wildcard_inspect(), wildcard_inspect()
     bad["Id"], bad["Name"] = "b" * 64, "/bad"
-    registry = RefusingRegistry({bad["Id"]})
+    registry = memory(config(ttl=0))
+    registry.etcd.refuse = {f"/registered/10.0.0.1/regtest::busybox:1/{bad['Id']}"}
     with freeze_time("2026-11-22 00:00:00") as clock:
-        worker = reconciler(config(ttl=0), registry, ManyContainerEngine([good, bad]))
+        # no periodic resync within the test: its container list (empty here) would take both
+        worker = reconciler(config(ttl=0, resync=3600), registry, ManyContainerEngine([good, bad]))
         worker.set_events_connected(True)
         worker.mark_dirty(bad["Id"])
         worker.mark_dirty(good["Id"])
         worker.step()  # no exception: the refusal holds back nothing and stops nothing
-        assert list(registry.records) == [f"/registered/10.0.0.1/regtest::busybox:1/{good['Id']}"]
-        assert registry.attempts == 1 and worker.queue.dirty() == {}
+        assert list(records(registry)) == [f"/registered/10.0.0.1/regtest::busybox:1/{good['Id']}"]
+        assert registry.etcd.refused == 1 and worker.queue.dirty() == {}
         assert 0 <= worker.queue.refusals()[bad["Id"]] <= 0.5
         worker.step()
-        assert registry.attempts == 1  # not before its time
+        assert registry.etcd.refused == 1  # not before its time
         for _ in range(40):  # 20 s: retried on the schedule 0.5, 1, 2, 4, 8 s (at most, with jitter)
             clock.tick(0.5)
             worker.step()
-        assert 5 <= registry.attempts <= 40
-        registry.refuse.clear()  # etcd accepts it now (say the operator raised a limit)
+        assert 5 <= registry.etcd.refused <= 40
+        registry.etcd.refuse.clear()  # etcd accepts it now (say the operator raised a limit)
         clock.tick(300)
         worker.step()
-        assert sorted(registry.records) == sorted(f"/registered/10.0.0.1/regtest::busybox:1/{c['Id']}"
+        assert sorted(records(registry)) == sorted(f"/registered/10.0.0.1/regtest::busybox:1/{c['Id']}"
                                                   for c in (good, bad))
         assert worker.queue.refusals() == {}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
-        f"could not register bad ({'b' * 12}) image regtest/busybox:1: etcd refused it: Invalid POST form : "
-        "http: POST too large (HTTP 400); retrying this container alone in "
+        f"could not register bad ({'b' * 12}) image regtest/busybox:1: etcd refused it: request is too "
+        "large; retrying this container alone in "
         f"{warnings[0].split(' alone in ')[1].split(' s ')[0]} s (backoff up to 300 s), the others are not "
         "held back"]
 
@@ -599,3 +592,49 @@ def test_a_host_key_found_lost_again_and_again_backs_off_after_the_first_time(ca
     assert warnings(caplog)[0] == (
         "host key /registered/10.0.0.1 no longer holds this registrar's record; 0 container(s) "
         "pending; retrying in 0.5 s")
+
+
+# -- the reconciler on the verified fake: liveness loss, coalescing ------------------------------
+
+def test_a_lease_lost_is_granted_anew_and_every_record_written_again_on_it(caplog):
+    inspect = wildcard_inspect()
+    key = f"/registered/10.0.0.1/regtest::busybox:1/{inspect['Id']}"
+    with freeze_time("2026-11-22 00:00:00") as clock:
+        registry, engine = memory(config(ttl=30, resync=600)), ListingEngine(inspect)
+        worker = reconciler(config(ttl=30, resync=600), registry, engine)
+        worker.set_events_connected(True)
+        worker.step()  # a lease granted, then the full reconcile registers what the list shows
+        first = registry.lease
+        store = MemoryStore(registry.etcd)
+        assert list(records(registry)) == [key] and store.lease_of(key) == first
+        registry.etcd.revoke(first)  # etcd lost it (expired while this host was cut off, say)
+        assert records(registry) == {} and not store.host_present(registry.host_dir)
+        clock.tick(10)
+        worker.heartbeat.step()  # its keepalive finds it gone (on its own thread in the service)
+        worker.step()
+        assert registry.lease not in (None, first)
+        assert list(records(registry)) == [key] and store.lease_of(key) == registry.lease
+        assert store.lease_of(registry.host_dir) == registry.lease
+        assert worker.status.snapshot().full_reconciles == 2
+    lost = [r for r in caplog.records if r.fields.get("event") == "host_dir_lost"]
+    assert [r.fields["lease"] for r in lost] == [f"{registry.lease:x}"]
+
+
+def test_events_for_one_container_coalesce_into_one_write_and_each_container_is_one_key():
+    good, other = wildcard_inspect(), wildcard_inspect()
+    other["Id"], other["Name"] = "c" * 64, "/other"
+    registry = memory(config(ttl=0, resync=3600))
+    worker = reconciler(config(ttl=0, resync=3600), registry, ManyContainerEngine([good, other]))
+    worker.set_events_connected(True)
+    worker.step()  # the first full reconcile: nothing in Docker's list
+    writes = registry.etcd.writes
+    for _ in range(5):  # start, network connect, ... as Docker sends them for one container
+        worker.mark_dirty(good["Id"])
+    worker.mark_dirty(other["Id"])
+    worker.step()
+    assert registry.etcd.writes == writes + 1  # one apply for the whole batch
+    assert sorted(records(registry)) == sorted(f"/registered/10.0.0.1/regtest::busybox:1/{c['Id']}"
+                                               for c in (good, other))
+    assert worker.queue.dirty() == {}
+    worker.step()  # nothing left to do: nothing written
+    assert registry.etcd.writes == writes + 1
