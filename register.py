@@ -1612,11 +1612,12 @@ class Registry:
     TIMEOUT = 5  # seconds for one request: a stalled etcd must not stall the service
     LIVENESS = ""  # what keeps this host's keys alive, for log lines
     REFRESHED = ""  # what the heartbeat refreshes, for log lines
+    FLAT = False  # keys are plain byte strings that nothing resolves (v3), not paths (v2)
 
     def __init__(self, config: Config):
         self.config = config
         self.endpoints = config.etcd_endpoints
-        self.scope = HostScope(config.prefix, config.host_ip, flat=self.API == 3)
+        self.scope = HostScope(config.prefix, config.host_ip, flat=self.FLAT)
         self.host_dir = self.scope.host_dir  # v2: the host directory; v3: the host key
         self.ttl = config.ttl
         self._current = 0
@@ -2425,6 +2426,7 @@ class EtcdV3Registry(Registry):
     API = 3
     LIVENESS = "lease"
     REFRESHED = "lease"
+    FLAT = True
     MAX_TXN_OPS = 128  # etcd's default --max-txn-ops
     MAX_TXN_BYTES = 1024 * 1024  # well under etcd's default --max-request-bytes (1.5 MiB)
     OP_OVERHEAD = 32  # bytes of a put's or a delete's framing, over its key and value
@@ -2952,9 +2954,11 @@ class EtcdV3Registry(Registry):
         self.scope.check(self.host_dir, host_dir=True)
         guard = [{"key": _b64(self.host_dir), "target": "VALUE", "result": "EQUAL",
                   "value": _b64(self._host_stored)}]
+        ranges = [{"request_delete_range": {"key": _b64(f"{space}/"),
+                                            "range_end": _b64(_range_end(f"{space}/"))}}
+                  for space in self.scope.spaces]  # every key space of this host's scope
         answer = self._post("/kv/txn", {"compare": guard, "success": [
-            {"request_delete_range": {"key": _b64(start), "range_end": _b64(_range_end(start))}},
-            {"request_delete_range": {"key": _b64(self.host_dir)}}]}, self.host_dir, final=True)
+            *ranges, {"request_delete_range": {"key": _b64(self.host_dir)}}]}, self.host_dir, final=True)
         if not answer.get("succeeded"):
             if self._get(self.host_dir) is None:  # the lease went, and the keys with it
                 log_event(logging.INFO, f"nothing left to delete under {start} on exit: the lease had "

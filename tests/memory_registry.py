@@ -130,10 +130,10 @@ class MemoryRegistry(register.Registry):
 
     LIVENESS = "lease"
     REFRESHED = "lease"
+    FLAT = True
 
     def __init__(self, config: register.Config, etcd: MemoryEtcd):
         super().__init__(config)
-        self.scope = register.HostScope(config.prefix, config.host_ip, flat=True)
         self.etcd = etcd
         self.lease: int | None = None
         self._host_stored: str | None = None  # the host key's value as this registrar wrote it
