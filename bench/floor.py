@@ -21,7 +21,7 @@ import docker
 import requests
 from etcd3gw.client import Etcd3Client
 
-TTL = 60
+TTL = 3600  # the floor keeps no heartbeat: its lease must outlive every measure, under load too
 MAX_TXN_OPS = 128  # etcd's default --max-txn-ops, as register.py
 
 
