@@ -5,7 +5,8 @@ container that publishes a port, and nothing else; the host directory carries it
 hosts' subtrees (and other prefixes) are untouched, down to their modifiedIndex.
 
 The truth comes from `docker ps` and `docker inspect` through the docker CLI, and the expected
-records are computed here from the contract in ../shared/DESIGN.md, independently of register.py:
+records are computed here from the contract in docs/architecture.md ("The registry contract"),
+independently of register.py:
 a test oracle that shares no code with the service it checks.
 """
 from __future__ import annotations
@@ -37,12 +38,26 @@ NEXT_STEPS = ("retrying in", "reconnecting", "re-registering everything", "treat
               "they are kept as they are", "it is left as it is")
 
 
+def log_line(line: str) -> tuple[str, str] | None:
+    """(level, message) of one log line, in the text format or the JSON one; None for any other."""
+    if line.startswith("{"):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return None
+        return (entry["level"], entry["message"]) if isinstance(entry, dict) and "level" in entry else None
+    found = re.match(r"\S+ (\w+) +(.*)", line)
+    return (found.group(1), found.group(2)) if found else None
+
+
 def assert_log_is_clean(registrar: Registrar) -> None:
-    """No traceback, and every warning or error line names its cause and what happens next."""
+    """No traceback, and every warning or error line (text or JSON format) names its cause and
+    what happens next."""
     log = registrar.log
     assert "Traceback" not in log and "unexpected error" not in log, log[-6000:]
-    problems = [line for line in log.splitlines() if re.match(r"\S+ (warning|error) ", line)]
-    vague = [line for line in problems if not any(step in line for step in NEXT_STEPS)]
+    lines = [(line, log_line(line)) for line in log.splitlines()]
+    problems = [(line, said[1]) for line, said in lines if said and said[0] in ("warning", "error")]
+    vague = [line for line, message in problems if not any(step in message for step in NEXT_STEPS)]
     assert not vague, "log lines that do not say what happens next:\n" + "\n".join(vague)
 
 

@@ -22,11 +22,21 @@ import docker as docker_sdk
 import pytest
 from faults import Churn, OddDocker, Partition, Pauser, paused, rss_kib, threads
 from invariant import Invariant, assert_log_is_clean, expected_registry, history, record
-from testbed import BASE_IMAGE, HOST, EtcdCluster, end, read_tree, wait_until
+from testbed import BASE_IMAGE, HOST, EtcdCluster, Registrar, end, read_tree, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.chaos]
 
 _names = itertools.count(1)
+
+
+@pytest.fixture
+def registrar(registrar):
+    """conftest's registrar with LOG_FORMAT=json: what a test waits for, or checks did not happen,
+    is an event of the log with its fields (testbed.Registrar.events), not a wording."""
+    def start(**settings) -> Registrar:
+        return registrar(**{**settings, "env": {"LOG_FORMAT": "json", **(settings.get("env") or {})}})
+    return start
+
 
 def start(engine, *args: str) -> str:
     return engine.out("run", "-d", *args, BASE_IMAGE)
@@ -44,11 +54,11 @@ def test_etcd_killed_during_churn_converges_with_bounded_threads_and_memory(
         docker, registrar, prefix, own_etcd):
     r = registrar(endpoint=own_etcd.endpoint)
     check = Invariant(docker, own_etcd.store(), prefix, HOST)
-    r.wait_for_log("full reconcile")
+    r.wait_for_event("reconciled")
     churn = Churn(docker, total=50, keep=12).start()
     wait_until(lambda: len(churn.started) >= 8, 120, "8 containers churned")
     end(own_etcd.process, signal.SIGKILL)
-    r.wait_for_log("failed: connection refused")
+    r.wait_for_event("retry", cause=lambda cause: cause.endswith(" failed: connection refused"))
     pid = r.process.pid
     samples = []  # (threads, RSS in KiB) every half second while etcd is gone and the churn goes on
     while len(churn.started) < 45 and churn.errors < 5:
@@ -60,7 +70,7 @@ def test_etcd_killed_during_churn_converges_with_bounded_threads_and_memory(
     churn.wait()
     check.wait(40, r, since=healed, fault="etcd killed -9 during churn of 50 containers")
     assert churn.errors == 0
-    pending = [int(n) for n in re.findall(r"; (\d+) container\(s\) pending; retrying in", r.log)]
+    pending = [e["pending"] for e in r.events("retry") if "pending" in e]  # Docker's retries have none
     assert max(pending) <= outage_events  # coalesced per container, however many events
     assert len(samples) >= 10
     thread_counts = [count for count, _ in samples]
@@ -70,7 +80,7 @@ def test_etcd_killed_during_churn_converges_with_bounded_threads_and_memory(
     assert rss[-1] - rss[0] < 4096, f"RSS grew from {rss[0]} to {rss[-1]} KiB during the outage"
     print(f"etcd outage: {len(samples)} samples, threads {min(thread_counts)}-{max(thread_counts)}, "
           f"RSS {rss[0]} -> {rss[-1]} KiB, pending at most {max(pending)}")
-    assert "recovered after" in r.log
+    assert r.events("recovered")
     assert_log_is_clean(r)
 
 
@@ -90,7 +100,8 @@ def test_etcd_paused_longer_than_the_request_timeout(docker, registrar, prefix, 
         for n in range(4):
             start(docker, "--name", f"arriving-{n}", "-p", "80")
         docker.docker("stop", "-t", "0", *leaving)
-        r.wait_for_log(f"etcd at {own_etcd.url} failed: timed out", timeout=15)  # no hang
+        r.wait_for_event("retry", timeout=15,  # no hang
+                         cause=lambda cause: cause.startswith(f"etcd at {own_etcd.url} failed: timed out"))
         time.sleep(max(0.0, 8 - (time.monotonic() - paused_at)))
     resumed = time.monotonic()
     check.wait(30, r, since=resumed, fault="etcd SIGSTOPped 8 s (request timeout 5 s)")
@@ -104,7 +115,7 @@ def test_etcd_paused_longer_than_the_request_timeout(docker, registrar, prefix, 
     if client.api == 3:  # v3 keeps no v2 event history to replay here: the log and the end state
         assert sorted(final) == sorted(key for key in final if key.rsplit("/", 1)[1] not in leaving)
         for n in range(4):
-            assert r.log.count(f"registered arriving-{n} (") <= 1
+            assert len(r.events("registered", container=f"arriving-{n}")) <= 1
         assert "full reconcile (etcd failed: re-reading what it holds)" in r.log
         assert_log_is_clean(r)
         return
@@ -114,11 +125,12 @@ def test_etcd_paused_longer_than_the_request_timeout(docker, registrar, prefix, 
     puts = [(key, value) for action, key, value in changes if action == "set"]
     assert {key for key, _ in puts} == final.keys() - steady_indexes.keys()
     assert all(final[key] == value for key, value in puts)
-    assert len(puts) <= 4 + r.log.count("registered arriving-")
+    assert len(puts) <= 4 + len(r.events("registered", container=lambda name: name.startswith("arriving-")))
     for n in range(4):
-        assert r.log.count(f"registered arriving-{n} (") <= 1
+        assert len(r.events("registered", container=f"arriving-{n}")) <= 1
     for n, cid in enumerate(leaving):
-        assert r.log.count(f"removed leaving-{n} ({cid[:12]}) image regtest/busybox:1 ports 80/tcp=") == 1
+        assert len(r.events("removed", container=f"leaving-{n}", id=cid[:12], image="regtest/busybox:1",
+                            ports=lambda ports: ports.startswith("80/tcp="))) == 1
     assert "full reconcile (etcd failed: re-reading what it holds)" in r.log
     assert_log_is_clean(r)
 
@@ -156,17 +168,18 @@ def test_etcd_down_at_start_waits_with_backoff_then_registers(docker, registrar,
         start(docker, "-p", f"{8500 + n}:80")
     late = new_etcd(f"late{next(_names)}")
     r = registrar(endpoint=late.endpoint)
-    refused = f"etcd at {late.url} failed: connection refused; 0 container(s) pending; retrying in "
-    wait_until(lambda: r.log.count(refused) >= 3, 20, "three retries")
-    delays = [float(d) for d in re.findall(re.escape(refused) + r"([0-9.]+) s", r.log)]
+    refused = f"etcd at {late.url} failed: connection refused"
+    retries = r.wait_for_event("retry", count=3, cause=refused, pending=0)
+    delays = [e["retry_in"] for e in retries]
     assert all(0 <= delay <= cap for delay, cap in zip(delays, (0.5, 1, 2, 4, 8, 10)))
     late.start()
     try:
         check = Invariant(docker, late.store(), prefix, HOST)
         check.wait(20, r, since=time.monotonic(), fault="etcd down at start, then up")
-        r.wait_for_log("recovered after")
-        assert (f"recovered after {r.log.count(refused)} failed attempt(s); last cause: etcd at {late.url} "
-                "failed: connection refused") in r.log
+        recovered = r.wait_for_event("recovered")
+        attempts = len(r.events("retry", cause=refused, pending=0))  # each one said with 0 pending
+        assert recovered[0]["message"] == (f"recovered after {attempts} failed attempt(s); "
+                                           f"last cause: {refused}")
         assert_log_is_clean(r)
     finally:
         late.stop()
@@ -184,14 +197,19 @@ def test_dockerd_restarted_during_churn(docker, client, registrar, prefix, sig):
     churn = Churn(docker, total=30, keep=8, seed=sig).start()
     wait_until(lambda: len(churn.started) >= 8, 120, "8 containers churned")
     docker.stop_daemon(sig)
-    r.wait_for_log("lost Docker's event stream")
+    r.wait_for_event("disconnected")
     time.sleep(1)  # the churn fails meanwhile; containers die with dockerd
     docker.start_daemon()
     churn.wait()  # and goes on once dockerd is back: containers start while register.py reconnects
     check.wait(40, r, since=time.monotonic(),
                fault=f"dockerd {signal.Signals(sig).name} and restarted during churn (after the churn)")
-    r.wait_for_log("reconnected to Docker")
-    assert "full reconcile (connected to Docker's event stream)" in r.log.split("reconnected to Docker")[1]
+    r.wait_for_event("reconnected")
+    entries = r.entries()
+    reconnects = [n for n, e in enumerate(entries) if e.get("event") == "reconnected"] + [len(entries)]
+    # between the first reconnection and the next: the full reconcile it brings (its reason is in
+    # the message only)
+    assert [e for e in entries[reconnects[0] + 1:reconnects[1]] if e.get("event") == "reconciled"
+            and "full reconcile (connected to Docker's event stream)" in e["message"]], r.log[-6000:]
     assert_log_is_clean(r)
 
 
@@ -202,12 +220,13 @@ def test_docker_socket_absent_at_start(docker, client, registrar, prefix, workdi
         start(docker, "-p", f"{8510 + n}:80")
     later = workdir / f"later{next(_names)}.sock"
     r = registrar(docker_host=f"unix://{later}")
-    wait_until(lambda: r.log.count(f"waiting for Docker: Docker at unix://{later} failed: no such file "
-                                   "or directory; retrying in") >= 2, 20, "two retries")
+    waiting = r.wait_for_event("retry", count=2, cause=f"Docker at unix://{later} failed: no such file or "
+                               "directory")
+    assert all(e["message"].startswith(f"waiting for Docker: {e['cause']}; retrying in ") for e in waiting)
     check = Invariant(docker, client, prefix, HOST)
     later.symlink_to(docker.socket)  # the engine's socket appears
     check.wait(20, r, since=time.monotonic(), fault="Docker socket absent at start, then present")
-    r.wait_for_log(f"connected to Docker at unix://{later}")
+    assert r.wait_for_event("connected")[0]["message"] == f"connected to Docker at unix://{later}"
     assert_log_is_clean(r)
 
 
@@ -226,8 +245,10 @@ def test_docker_gone_longer_than_the_ttl_lets_the_records_expire_then_restores_t
     expired_after = time.monotonic() - stopped
     assert expired_after <= ttl + 3
     what = "TTL" if client.api == 2 else "lease"
-    r.wait_for_log(f"Docker is unreachable: no longer refreshing the {what} of {check.host_dir}; its records "
-                   f"expire within {ttl} s unless Docker returns")
+    said = r.wait_for_event("refresh_suspended")
+    assert [e["message"] for e in said] == [f"Docker is unreachable: no longer refreshing the {what} of "
+                                            f"{check.host_dir}; its records expire within {ttl} s unless "
+                                            "Docker returns"]
     docker.start_daemon()
     check.wait(30, r, since=time.monotonic(), fault="dockerd stopped longer than the TTL (4 s), then back")
     assert_log_is_clean(r)
@@ -316,7 +337,7 @@ def test_register_killed_and_restarted_after_the_ttl_registers_everything_again(
     check.wait(30, second, since=time.monotonic(), fault="register.py killed -9, restarted after the TTL")
     assert f"{len(cids)} written, 0 removed, 0 already right" in second.log
     if client.api == 3:
-        assert "adopted lease" not in second.log and "granted lease" in second.log
+        assert not second.events("lease_adopted") and second.events("lease_granted")
     assert_log_is_clean(second)
 
 
@@ -367,7 +388,7 @@ def test_partition_longer_than_the_ttl(docker, registrar, prefix, own_etcd):
         docker.docker("stop", "-t", "0", leaving)  # changes while the host is cut off
         start(docker, "-p", "80")
         wait_until(lambda: not read_tree(client, check.host_dir), ttl + 3, "the subtree to expire")
-        r.wait_for_log("failed: timed out", timeout=15)
+        r.wait_for_event("retry", timeout=15, cause=lambda cause: "failed: timed out" in cause)
         time.sleep(max(0.0, ttl + 3 - (time.monotonic() - cut)))
         link.heal()
         check.wait(20, r, since=time.monotonic(), fault="partition of 7 s, longer than the TTL (4 s)")
@@ -406,18 +427,22 @@ def test_event_storm_while_etcd_is_paused_one_second_in_three(docker, registrar,
     assert sorted(key.rsplit("/", 1)[1] for key in read_tree(own_etcd.store(), check.host_dir)) == \
         sorted(bystanders)
     # each registered once and removed once
-    twice = [cid[:12] for cid in storm if r.log.count(cid[:12]) != 2]
-    assert not twice, "\n".join(line for line in r.log.splitlines() if any(c in line for c in twice))
+    entries = r.entries()
+
+    def said(cid: str) -> list[str]:  # the events that name this container, in any field
+        return [e.get("event") for e in entries if cid[:12] in json.dumps(e)]
+    twice = {cid[:12]: said(cid) for cid in storm if said(cid) != ["registered", "removed"]}
+    assert not twice, twice
     assert_log_is_clean(r)
 
 
 def test_sigterm_during_an_event_storm_exits_in_two_seconds_and_leaves_no_half_record(
         docker, client, registrar, prefix):
     r = registrar()
-    r.wait_for_log("full reconcile")
+    r.wait_for_event("reconciled")
     storm = threading.Thread(target=start_many, args=(docker, 60))
     storm.start()
-    wait_until(lambda: r.log.count("registered ") >= 10, 60, "ten registrations")
+    r.wait_for_event("registered", count=10, timeout=60)
     signalled = time.monotonic()
     assert r.stop(signal.SIGTERM, timeout=5) == 0
     assert time.monotonic() - signalled < 2
@@ -470,7 +495,7 @@ def test_bindings_docker_reports_oddly_are_handled_and_the_others_registered(
     odd = OddDocker(docker, workdir / f"odd{next(_names)}.sock", rewrite)
     try:
         r = registrar(docker_host=odd.host)
-        r.wait_for_log("full reconcile")
+        r.wait_for_event("reconciled")
         # started now, they are inspected on their start event (a full reconcile reads the list,
         # which the proxy leaves as Docker reports it)
         empty_ip = start(docker, "--name", "odd-empty-ip", "-p", "80")
@@ -480,8 +505,10 @@ def test_bindings_docker_reports_oddly_are_handled_and_the_others_registered(
         del expected[f"{check.host_dir}/regtest::busybox:1/{no_port}"]
         assert sorted(key.rsplit("/", 1)[1] for key in expected) == sorted([empty_ip, fine])
         wait_until(lambda: read_tree(client, check.host_dir) == expected, 30, "the two good records")
-        r.wait_for_log(f"container odd-no-port ({no_port[:12]}) treated as publishing nothing: host port "
-                       "of 80/tcp None is not a port number")
+        said = r.wait_for_event("bad_container", container="odd-no-port", id=no_port[:12])
+        assert [e["level"] for e in said] == ["warning"]  # said once
+        assert (f"container odd-no-port ({no_port[:12]}) treated as publishing nothing: host port of 80/tcp "
+                "None is not a port number") in said[0]["message"]
         assert check.neighbour_changes() == []
         assert_log_is_clean(r)
     finally:

@@ -21,7 +21,7 @@ import etcd
 import pytest
 import requests
 from faults import OddDocker, RefusingEtcd, rss_kib
-from invariant import Invariant, assert_log_is_clean, expected_value
+from invariant import Invariant, assert_log_is_clean, expected_value, log_line
 from test_integration import IMAGE, converge, host_port, rec, val
 from testbed import BASE_IMAGE, HOST, REGISTER, free_port, read_tree, wait_until
 
@@ -37,9 +37,12 @@ def start(engine, *args: str) -> str:
 
 
 def log_lines(log: str, level: str, text: str = "") -> list[str]:
-    """The messages of the log lines of one level that contain `text`, without time and level."""
-    return [line.split(None, 2)[2] for line in log.splitlines()
-            if re.match(rf"\S+ {level} ", line) and text in line]
+    """The messages of the log lines (text or JSON format) of one level that contain `text`."""
+    return [said[1] for said in map(log_line, log.splitlines())
+            if said and said[0] == level and text in said[1]]
+
+
+JSON = {"LOG_FORMAT": "json"}  # a registrar whose log says what happened as events with fields
 
 
 def cpu_seconds(pid: int) -> float:
@@ -152,8 +155,9 @@ def test_every_change_goes_through_the_host_scope_and_nothing_outside_passes(own
 
 def test_a_docker_engine_that_is_merely_down_is_waited_for(registrar):
     port = free_port()  # nothing listens there
-    r = registrar(docker_host=f"tcp://127.0.0.1:{port}")
-    wait_until(lambda: r.log.count("waiting for Docker: ") >= 3, 30, "three retries")
+    r = registrar(docker_host=f"tcp://127.0.0.1:{port}", env=JSON)
+    r.wait_for_event("retry", count=3, timeout=30,
+                     cause=f"Docker at tcp://127.0.0.1:{port} failed: connection refused")
     assert r.process.poll() is None
     retries = log_lines(r.log, "warning", "waiting for Docker")
     assert all(re.fullmatch(rf"waiting for Docker: Docker at tcp://127\.0\.0\.1:{port} failed: "
@@ -162,18 +166,19 @@ def test_a_docker_engine_that_is_merely_down_is_waited_for(registrar):
 
 def test_a_loopback_or_ipv4_mapped_host_ip(docker, client, registrar, prefix):
     cid = start(docker, "-p", "80")
-    r = registrar(host="127.0.0.1")
+    r = registrar(host="127.0.0.1", env=JSON)
     converge(client, prefix, {
         f"{prefix}/127.0.0.1/{IMAGE}/{cid}": val(rec(cid, "127.0.0.1", host_port(docker, cid), 80))}, r)
     assert log_lines(r.log, "warning") == [
         "HOST_IP 127.0.0.1 is a loopback address: no other host can reach the ports registered under it "
         "(fine for a single-host demo)"]
+    assert [e["event"] for e in r.entries() if e["level"] == "warning"] == ["host_ip"]
     r.kill()
     client.delete(f"{prefix}/127.0.0.1")
-    mapped = registrar(host="::ffff:10.99.0.1")  # the IPv4 form, whatever the interpreter prints
+    mapped = registrar(host="::ffff:10.99.0.1", env=JSON)  # the IPv4 form, whatever the interpreter prints
     expected = {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, host_port(docker, cid), 80))}
     converge(client, prefix, expected, mapped)
-    assert log_lines(mapped.log, "warning") == []
+    assert not mapped.events("host_ip") and not [e for e in mapped.entries() if e["level"] == "warning"]
 
 
 def test_an_etcd_host_name_with_underscores_as_compose_names_it(docker, client, registrar, prefix, workdir,
@@ -230,11 +235,11 @@ def test_a_plain_value_at_or_above_the_prefix_waits_for_an_operator(docker, own_
     client.write(blocker, "an operator's value")
     index = client.read(blocker).modifiedIndex
     start(docker, "-p", "80")
-    r = registrar(endpoint=own_etcd.endpoint, ttl=ttl)
+    r = registrar(endpoint=own_etcd.endpoint, ttl=ttl, env=JSON)
     message = (f"etcd: {blocker} holds a plain value, so nothing can be registered under {prefix}/{HOST}/; "
                "it is not this registrar's to delete: an operator should remove it "
                f"(etcdctl rm {blocker}) or choose another REGISTER_PREFIX")
-    wait_until(lambda: r.log.count(message) >= 3, 30, "three retries naming the blocking key")
+    r.wait_for_event("retry", count=3, timeout=30, cause=message)  # three retries naming the blocking key
     assert r.process.poll() is None
     errors = log_lines(r.log, "error")  # said once a minute; each retry in between at debug level
     assert len(errors) == 1 and re.fullmatch(re.escape(message) + r"; \d+ container\(s\) pending; retrying "
@@ -252,7 +257,7 @@ def test_etcd_refusing_the_host_directory_is_one_error_until_an_operator_grants_
     proxy.refuse = f"{prefix}/{HOST}"
     try:
         start(docker, "-p", "80")
-        r = registrar(endpoint=proxy.endpoint)
+        r = registrar(endpoint=proxy.endpoint, env=JSON)
         wait_until(lambda: proxy.refused >= 3, 30, "three refused attempts")
         message = (f"etcd refused a request for '{prefix}/{HOST}': The request requires user authentication "
                    ": Insufficient credentials (HTTP 403); an operator should check what etcd lets this "
@@ -261,7 +266,7 @@ def test_etcd_refusing_the_host_directory_is_one_error_until_an_operator_grants_
         assert len(errors) == 1 and re.fullmatch(re.escape(message) + r"; \d+ container\(s\) pending; "
                                                  r"retrying in [0-9.]+ s", errors[0]), errors
         # the proxy counts a refusal before the registrar has read it and logged its retry
-        wait_until(lambda: r.log.count(message) >= 3, 10, "three refusals in the log")
+        r.wait_for_event("retry", count=3, timeout=10, cause=message)  # three refusals in the log
         assert r.process.poll() is None
         proxy.refuse = None  # the operator grants the role
         Invariant(docker, own_etcd.store(), prefix, HOST).wait(30, r)
@@ -315,8 +320,8 @@ def test_a_container_with_odd_shaped_data_holds_back_no_other(docker, client, re
 
     proxy = OddDocker(docker, workdir / "odd-shape.sock", rewrite)
     try:
-        r = registrar(docker_host=proxy.host)
-        r.wait_for_log("full reconcile")
+        r = registrar(docker_host=proxy.host, env=JSON)
+        r.wait_for_event("reconciled")
         odd = docker.out("run", "-d", "--name", "odd-shape", "--network", "host", BASE_IMAGE, "httpd", "-f",
                          "-p", "127.0.0.1:18096")  # host mode: always inspected
         good = start(docker, "--name", "good", "-p", "80")
@@ -362,25 +367,30 @@ def test_a_record_etcd_refuses_is_retried_alone_and_removals_and_writes_go_on(do
     keep = start(docker, "--name", "keep", "-p", "80")
     leaving = start(docker, "--name", "leaving", "-p", "80")
     # a limit above etcd's own: its request limit refuses the record ("POST too large")
-    r = registrar(resync=2, env={"REGISTER_MAX_RECORD_BYTES": str(64 << 20)})
+    r = registrar(resync=2, env={"REGISTER_MAX_RECORD_BYTES": str(64 << 20), **JSON})
     check = Invariant(docker, client, prefix, HOST)
     check.wait(20, r)
     huge = docker.out("run", "-d", "--name", "huge", "--network", "host", "--expose", "1-65535",
                       "--expose", "1-65535/udp", BASE_IMAGE, "httpd", "-f", "-p", "127.0.0.1:18099")
     refused = (f"could not register huge ({huge[:12]}) image regtest/busybox:1: etcd refused it: Invalid "
                "POST form : http: POST too large (HTTP 400); retrying this container alone in ")
-    r.wait_for_log(refused, timeout=60)
+    said = r.wait_for_event("refused", timeout=60, container="huge", id=huge[:12])
+    assert said[0]["message"].startswith(refused), said
     docker.docker("kill", leaving)
     newcomer = start(docker, "--name", "newcomer", "-p", "80")
     huge_key = f"{prefix}/{HOST}/{IMAGE}/{huge}"
     expected = {f"{prefix}/{HOST}/{IMAGE}/{cid}": expected_value(docker.inspect(cid), HOST)
                 for cid in (keep, newcomer)}
     converge(client, f"{prefix}/{HOST}", expected, r, timeout=30)
-    wait_until(lambda: re.search(r"full reconcile \(periodic resync\): 3 record\(s\), 0 written, 0 removed, "
-                                 r"2 already right, 1 refused by etcd and retried alone", r.log), 20,
-               "a resync that leaves the refused record to its own retry")
+    # a resync that leaves the refused record to its own retry (the reason is in the message only)
+    r.wait_for_event("reconciled", timeout=20, records=3, written=0, removed=0, refused=1,
+                     message=lambda message: message.startswith(
+                         "full reconcile (periodic resync): 3 record(s), 0 written, 0 removed, 2 already "
+                         "right, 1 refused by etcd and retried alone"))
     assert read_tree(client, f"{prefix}/{HOST}") == expected and huge_key not in expected
-    assert len(log_lines(r.log, "warning", "could not register huge")) == 1  # said once, retried quietly
+    refusals = [e["level"] for e in r.events("refused", container="huge")]  # said once, retried quietly
+    assert refusals.count("warning") == 1 and set(refusals) <= {"warning", "debug"}, refusals
+    assert len(log_lines(r.log, "warning", "could not register huge")) == 1  # and no other warning of it
     assert_log_is_clean(r)
 
 
@@ -392,22 +402,21 @@ def test_an_event_stream_that_closes_at_once_is_retried_with_backoff(docker, cli
     proxy.close_events = True
     try:
         cid = start(docker, "-p", "80")
-        r = registrar(docker_host=proxy.host)
-        r.wait_for_log("connected to Docker")
+        r = registrar(docker_host=proxy.host, env=JSON)
+        r.wait_for_event("connected")
         cpu, begun = cpu_seconds(r.process.pid), proxy.event_requests
         time.sleep(10)
         subscriptions, cpu = proxy.event_requests - begun, cpu_seconds(r.process.pid) - cpu
         assert subscriptions <= 15, f"{subscriptions} subscriptions in 10 s"  # was about 1,500
         assert cpu < 2.5, f"{cpu:.2f} s of CPU in 10 s"
-        closed = (r"lost Docker's event stream \(the stream was closed by Docker\) [0-9.]+ s after it "
-                  r"opened; reconnecting in ([0-9.]+) s")
-        delays = [float(d) for d in re.findall(closed, r.log)]
+        delays = [e["retry_in"] for e in r.events("disconnected", cause="the stream was closed by Docker")
+                  if "retry_in" in e]  # a stream that closed at once: its reconnection is delayed
         caps = [0.5, 1, 2, 4, 8, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
         assert len(delays) >= 3 and all(d <= cap for d, cap in zip(delays, caps)), delays
         # Docker answers every subscription: each brings a full reconcile, so the records are right
         key = f"{prefix}/{HOST}/{IMAGE}/{cid}"
         converge(client, f"{prefix}/{HOST}", {key: val(rec(cid, HOST, host_port(docker, cid), 80))}, r)
-        assert "no longer refreshing the TTL" not in r.log
+        assert not r.events("refresh_suspended")
 
         proxy.close_events = False  # healthy again: events flow
         wait_until(lambda: proxy.open_streams == 1, 20, "an event stream that stays open")
@@ -420,18 +429,20 @@ def test_an_event_stream_that_closes_at_once_is_retried_with_backoff(docker, cli
         mark = len(r.log)
         proxy.close_events = True  # a stream that lived: its end resets the backoff
         docker.docker("kill", second)  # an event, so that the proxy ends the stream now
-        wait_until(lambda: "after it opened; reconnecting in" in r.log[mark:], 20, "a stream closed at once")
-        after = r.log[mark:]
-        assert re.search(r"lost Docker's event stream \(.*\); reconnecting\n", after), after  # no delay
-        first = re.search(r"after it opened; reconnecting in ([0-9.]+) s", after)
-        assert float(first.group(1)) <= 0.5, after  # the first step of the schedule again
+        def lost_since() -> list[dict]:
+            return [e for e in r.entries(mark) if e.get("event") == "disconnected"]
+        wait_until(lambda: [e for e in lost_since() if "retry_in" in e], 20, "a stream closed at once")
+        after = lost_since()
+        assert [e for e in after if "retry_in" not in e], after  # the stream that lived: no delay
+        first = next(e for e in after if "retry_in" in e)
+        assert first["retry_in"] <= 0.5, after  # the first step of the schedule again
         assert_log_is_clean(r)
     finally:
         proxy.close()
 
 
 def test_network_disconnect_and_connect_change_the_records_within_an_event(docker, client, registrar, prefix):
-    r = registrar()  # resync every 60 s: what changes within seconds came from the events
+    r = registrar(env=JSON)  # resync every 60 s: what changes within seconds came from the events
     cid = start(docker, "--name", "netweb", "-p", "80")
     key = f"{prefix}/{HOST}/{IMAGE}/{cid}"
     first_port = host_port(docker, cid)
@@ -441,8 +452,10 @@ def test_network_disconnect_and_connect_change_the_records_within_an_event(docke
         docker.docker("network", "disconnect", "bridge", cid)  # no network: nothing published
         converge(client, f"{prefix}/{HOST}", {}, r, timeout=5)
         # logged just after the delete that etcd already shows
-        r.wait_for_log(f"removed netweb ({cid[:12]}) image regtest/busybox:1 ports 80/tcp={HOST}:"
-                       f"{first_port}: container no longer runs or publishes a port", timeout=5)
+        said = r.wait_for_event("removed", timeout=5, container="netweb", id=cid[:12])
+        assert [e["message"] for e in said] == [f"removed netweb ({cid[:12]}) image regtest/busybox:1 ports "
+                                                f"80/tcp={HOST}:{first_port}: container no longer runs or "
+                                                "publishes a port"]
         docker.docker("network", "connect", "bridge", cid)  # published again, on a new host port
         second_port = host_port(docker, cid)
         assert second_port != first_port
@@ -454,7 +467,7 @@ def test_network_disconnect_and_connect_change_the_records_within_an_event(docke
         assert third_port not in (first_port, second_port)
         converge(client, f"{prefix}/{HOST}", {key: val(rec(cid, HOST, third_port, 80))}, r, timeout=5)
         assert time.monotonic() - began < 50
-        assert "periodic resync" not in r.log
+        assert len(r.events("reconciled")) == 1  # the one at start: no resync, every change an event
         assert f"updated netweb ({cid[:12]}) image regtest/busybox:1 ports 80/tcp={HOST}:{third_port}" \
             in r.log
     finally:

@@ -25,6 +25,15 @@ pytestmark = pytest.mark.integration
 IMAGE = "regtest::busybox:1"
 
 
+@pytest.fixture
+def registrar(registrar):
+    """conftest's registrar with LOG_FORMAT=json: what a test waits for, or checks did not happen,
+    is an event of the log with its fields (testbed.Registrar.events), not a wording."""
+    def start(**settings) -> Registrar:
+        return registrar(**{**settings, "env": {"LOG_FORMAT": "json", **(settings.get("env") or {})}})
+    return start
+
+
 def rec(cid: str, ip: str, public, private, kind: str = "tcp", image: str = IMAGE) -> str:
     return (f'{{"container":"{cid}","image":"{image}","ip":"{ip}","public_port":"{public}",'
             f'"private_port":"{private}","port_type":"{kind}"}}')
@@ -82,7 +91,7 @@ def test_wildcard_bindings_twins_merged_udp_and_several_ports(docker, client, re
             rec(several, HOST, 8180, 80), rec(several, HOST, 8181, 80),
             rec(several, HOST, 8443, 443), rec(several, HOST, 9000, 9000, "udp")),
     }, r)
-    assert "registered quiet" not in r.log
+    assert sorted(e["container"] for e in r.events("registered")) == ["several", "web"]  # not quiet
     assert f"registered web ({web[:12]}) image regtest/busybox:1 ports 53/udp={HOST}:" in r.log
 
 
@@ -178,7 +187,7 @@ def test_records_from_the_container_list_equal_those_from_inspect(docker):
 
 def test_start_registers_die_removes_and_prunes_the_image_directory(docker, client, registrar, prefix):
     r = registrar()
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     cid = run(docker, "--name", "late", "-p", "8300:80", BASE_IMAGE)
     converge(client, f"{prefix}/{HOST}",
              {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8300, 80))}, r)
@@ -194,20 +203,20 @@ def test_start_registers_die_removes_and_prunes_the_image_directory(docker, clie
 
 def test_containers_that_die_within_milliseconds_leave_nothing(docker, client, registrar, prefix):
     r = registrar(resync=1)
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     for _ in range(5):
         run(docker, "-p", "80", BASE_IMAGE, "true")
     sentinel = run(docker, "-p", "8301:80", BASE_IMAGE)
     converge(client, f"{prefix}/{HOST}",
              {f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8301, 80))}, r)
-    r.wait_for_log("full reconcile (periodic resync)")  # and it stays so after a resync
+    r.wait_for_event("reconciled", count=len(r.events("reconciled")) + 1)  # and it stays so after a resync
     assert read_tree(client, f"{prefix}/{HOST}") == \
         {f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8301, 80))}
 
 
 def test_docker_restart_reregisters_with_the_new_ports(docker, client, registrar, prefix):
     r = registrar()
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     cid = run(docker, "-P", BASE_IMAGE)
     key = f"{prefix}/{HOST}/{IMAGE}/{cid}"
     converge(client, f"{prefix}/{HOST}", {key: val(rec(cid, HOST, host_port(docker, cid), 80))}, r)
@@ -217,7 +226,7 @@ def test_docker_restart_reregisters_with_the_new_ports(docker, client, registrar
 
 def test_rm_force_while_running_removes_the_key(docker, client, registrar, prefix):
     r = registrar()
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     keep = run(docker, "-p", "8302:80", BASE_IMAGE)
     gone = run(docker, "-p", "8303:80", BASE_IMAGE)
     converge(client, f"{prefix}/{HOST}", {
@@ -234,19 +243,20 @@ def test_a_container_labelled_register_ignore_is_never_registered(docker, client
                  BASE_IMAGE)
     seen = run(docker, "--name", "seen", "--label", "register.ignore=false", "-p", "8305:80", BASE_IMAGE)
     r = registrar(resync=1)
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     after = run(docker, "--name", "quiet-after", "--label", "register.ignore=TRUE", "-p", "8306:80",
                 BASE_IMAGE)
     sentinel = run(docker, "--name", "sentinel", "-p", "8307:80", BASE_IMAGE)
     expected = {f"{prefix}/{HOST}/{IMAGE}/{seen}": val(rec(seen, HOST, 8305, 80)),
                 f"{prefix}/{HOST}/{IMAGE}/{sentinel}": val(rec(sentinel, HOST, 8307, 80))}
     converge(client, f"{prefix}/{HOST}", expected, r)
-    testbed.wait_until(lambda: r.log.count("full reconcile (periodic resync)") >= 3, 20, "three resyncs")
+    r.wait_for_event("reconciled", count=len(r.events("reconciled")) + 3)  # three resyncs more
     assert read_tree(client, f"{prefix}/{HOST}") == expected
     # said once each at info, not at every resync
     for name, cid in (("quiet-before", before), ("quiet-after", after)):
         line = f"container {name} ({cid[:12]}) not registered: labelled register.ignore=true"
-        assert r.log.count(line) == 1, r.log
+        said = [(e["level"], e["id"], e["message"]) for e in r.events("ignored", container=name)]
+        assert said == [("info", cid[:12], line)], r.log
 
 
 def test_the_same_image_many_times(docker, client, registrar, prefix):
@@ -263,7 +273,7 @@ def test_paused_containers_stay_registered_through_resyncs(docker, client, regis
     key = f"{prefix}/{HOST}/{IMAGE}/{cid}"
     converge(client, f"{prefix}/{HOST}", {key: val(rec(cid, HOST, 8320, 80))}, r)
     index = index_of(client, key)
-    wait_until(lambda: r.log.count("full reconcile (periodic resync)") >= 2, 15, "two periodic resyncs")
+    r.wait_for_event("reconciled", count=len(r.events("reconciled")) + 2, timeout=15)  # two resyncs
     assert index_of(client, key) == index
 
 
@@ -296,7 +306,7 @@ def test_startup_removes_stale_keys_keeps_right_ones_and_never_touches_other_hos
     converge(client, f"{prefix}/{HOST}", {
         right_key: val(rec(running, HOST, 8330, 80)),
         f"{prefix}/{HOST}/{IMAGE}/{missing}": val(rec(missing, HOST, 8331, 80))}, r)
-    r.wait_for_log("full reconcile")
+    r.wait_for_event("reconciled")
     assert {key: client.get(key) for key in others} == others
     assert {key: index_of(client, key) for key in others} == other_indexes
     if client.api == 2:
@@ -323,7 +333,7 @@ def test_a_restart_of_the_service_writes_nothing(docker, client, registrar, pref
     assert read_tree(client, f"{prefix}/{HOST}") == expected  # records stay on a plain stop
     etcd_index = client.head()
     second = registrar()
-    second.wait_for_log("full reconcile")
+    second.wait_for_event("reconciled")
     assert "0 written, 0 removed, 3 already right" in second.log
     assert client.changes_since(prefix, etcd_index) == 0  # nothing at all changed under the prefix
     if client.api == 3:
@@ -339,7 +349,7 @@ def test_sigterm_stops_within_two_seconds_and_deregister_on_exit_deletes_the_sub
     assert plain.stop(signal.SIGTERM, timeout=2) == 0
     assert read_tree(client, f"{prefix}/{HOST}") == expected
     leaving = registrar(args=("--deregister-on-exit",))
-    leaving.wait_for_log("full reconcile")
+    leaving.wait_for_event("reconciled")
     assert leaving.stop(signal.SIGINT, timeout=2) == 0
     assert not client.host_present(f"{prefix}/{HOST}") and read_tree(client, f"{prefix}/{HOST}") == {}
     if client.api == 2:
@@ -372,7 +382,7 @@ def test_host_directory_has_a_ttl_refreshed_and_restored_when_deleted(docker, cl
 @pytest.mark.v2_only
 def test_without_ttl_the_empty_host_directory_goes(docker, client, registrar, prefix):
     r = registrar(ttl=0)
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     cid = run(docker, "-p", "8370:80", BASE_IMAGE)
     converge(client, f"{prefix}/{HOST}",
              {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8370, 80))}, r)
@@ -382,7 +392,7 @@ def test_without_ttl_the_empty_host_directory_goes(docker, client, registrar, pr
                "the host directory to go")
     time.sleep(1)
     assert _missing(client, f"{prefix}/{HOST}")  # and it stays gone
-    assert r.log.count("full reconcile") == 1  # no reconcile loop over the missing directory
+    assert len(r.events("reconciled")) == 1  # no reconcile loop over the missing directory
 
 
 def _missing(client, key: str) -> bool:
@@ -416,19 +426,19 @@ def test_drift_is_repaired_by_the_periodic_resync(docker, client, registrar, pre
         lease = client.lease_of(f"{prefix}/{HOST}")
         wait_until(lambda: client.lease_of(f"{prefix}/{HOST}/{IMAGE}/{a}") == lease, 10,
                    "the record to be back on the lease")
-    assert "unexpected error" not in r.log
+    assert "Traceback" not in r.log and not [e for e in r.entries() if "traceback" in e], r.log  # no bug
 
 
 def test_waits_for_etcd_with_backoff_then_registers(docker, client, registrar, prefix, new_etcd):
     cid = run(docker, "-p", "8390:80", BASE_IMAGE)
     late = new_etcd("late")
     r = registrar(endpoint=late.endpoint)
-    r.wait_for_log(f"etcd at {late.url} failed: connection refused; 0 container(s) pending; retrying in")
+    r.wait_for_event("retry", cause=f"etcd at {late.url} failed: connection refused", pending=0)
     late.start()
     try:
         converge(late.store(), f"{prefix}/{HOST}",
                  {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8390, 80))}, r)
-        r.wait_for_log("recovered after")
+        r.wait_for_event("recovered")
     finally:
         late.stop()
 
@@ -441,19 +451,19 @@ def test_follows_events_across_a_dockerd_restart(docker, client, registrar, pref
         f"{prefix}/{HOST}/{IMAGE}/{survivor}": val(rec(survivor, HOST, host_port(docker, survivor), 80)),
         f"{prefix}/{HOST}/{IMAGE}/{casualty}": val(rec(casualty, HOST, 8395, 80))}, r)
     docker.stop_daemon()
-    r.wait_for_log("lost Docker's event stream")
+    r.wait_for_event("disconnected")
     docker.start_daemon()
     wait_until(lambda: docker.inspect(survivor)["State"]["Running"], 30, "the survivor to restart")
     converge(client, f"{prefix}/{HOST}", {
         f"{prefix}/{HOST}/{IMAGE}/{survivor}": val(rec(survivor, HOST, host_port(docker, survivor), 80)),
     }, r)
-    r.wait_for_log("reconnected to Docker")
+    r.wait_for_event("reconnected")
 
 
 @pytest.mark.slow
 def test_a_hundred_containers_started_at_once_then_killed_at_once(docker, client, registrar, prefix):
     r = registrar()
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     with ThreadPoolExecutor(8) as pool:
         cids = list(pool.map(lambda n: run(docker, "-p", f"{9000 + n}:80", BASE_IMAGE), range(100)))
     converge(client, f"{prefix}/{HOST}", {
@@ -461,8 +471,9 @@ def test_a_hundred_containers_started_at_once_then_killed_at_once(docker, client
     }, r, timeout=60)
     docker.docker("kill", *cids, timeout=300)
     converge(client, f"{prefix}/{HOST}", {}, r, timeout=60)
-    wait_until(lambda: r.log.count(": container stopped or gone") == 100, 10, "100 removals logged")
-    assert " warning " not in r.log and " error " not in r.log
+    removed = r.wait_for_event("removed", count=100, timeout=10)
+    assert len(removed) == 100 and all(e["message"].endswith(": container stopped or gone") for e in removed)
+    assert not [e for e in r.entries() if e["level"] in ("warning", "error")], r.log
 
 
 def test_the_readme_run_command_starts_a_local_etcd_and_registers(docker, workdir):
@@ -498,7 +509,7 @@ def test_json_log_lines(docker, client, registrar, prefix):
     r = registrar(args=("--log-format", "json"))
     converge(client, f"{prefix}/{HOST}",
              {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8398, 80))}, r)
-    r.wait_for_log('"event":"reconciled"')
+    r.wait_for_event("reconciled")
     lines = [json.loads(line) for line in r.log.splitlines()]
     registered = [line for line in lines if line.get("event") == "registered"]
     assert len(registered) == 1
@@ -523,7 +534,7 @@ def test_writes_missed_while_etcd_is_down_are_made_when_it_returns(docker, regis
         own.stop()
         arriving = run(docker, "-p", "8402:80", BASE_IMAGE)
         docker.docker("stop", "-t", "0", leaving)
-        r.wait_for_log("2 container(s) pending; retrying in")
+        r.wait_for_event("retry", pending=2)
         own.start()  # same data directory: the old record is still there
         converge(client, f"{prefix}/{HOST}",
                  {f"{prefix}/{HOST}/{IMAGE}/{arriving}": val(rec(arriving, HOST, 8402, 80))}, r)
@@ -536,12 +547,12 @@ def test_waits_for_the_docker_socket_then_registers(docker, client, registrar, p
     cid = run(docker, "-p", "8403:80", BASE_IMAGE)
     later = workdir / f"later-v{api}.sock"
     r = registrar(docker_host=f"unix://{later}")
-    r.wait_for_log(f"waiting for Docker: Docker at unix://{later} failed: no such file or directory; "
-                   "retrying in")
+    waiting = r.wait_for_event("retry", cause=f"Docker at unix://{later} failed: no such file or directory")
+    assert waiting[0]["message"].startswith(f"waiting for Docker: {waiting[0]['cause']}; retrying in ")
     later.symlink_to(docker.socket)  # the engine's socket appears
     converge(client, f"{prefix}/{HOST}",
              {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8403, 80))}, r)
-    r.wait_for_log(f"connected to Docker at unix://{later}")
+    assert r.wait_for_event("connected")[0]["message"] == f"connected to Docker at unix://{later}"
 
 
 def test_sigterm_exits_within_two_seconds_while_etcd_stalls(docker, registrar, prefix, new_etcd):
@@ -578,10 +589,12 @@ def test_etcd_over_tls_with_a_client_certificate(docker, registrar, prefix, work
             "--etcd-key-file", str(tls["client-key"])))
         converge(secure.store(), f"{prefix}/{HOST}",
                  {f"{prefix}/{HOST}/{IMAGE}/{cid}": val(rec(cid, HOST, 8406, 80))}, r)
-        assert r.log.count(f"etcd {secure.url} (v{api} API), subtree") == 1
+        starting = r.events("starting")
+        assert len(starting) == 1 and f"etcd {secure.url} (v{api} API), subtree" in starting[0]["message"]
         untrusted = registrar(endpoint=secure.url, host="10.99.0.3")  # no CA: the server is not trusted
-        untrusted.wait_for_log(f"etcd at {secure.url} failed: [SSL: CERTIFICATE_VERIFY_FAILED] "
-                               "certificate verify failed: unable to get local issuer certificate")
+        untrusted.wait_for_event("retry", cause=lambda cause: cause.startswith(
+            f"etcd at {secure.url} failed: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: "
+            "unable to get local issuer certificate"))
         assert "0 container(s) pending; retrying in" in untrusted.log
     finally:
         secure.stop()

@@ -23,7 +23,7 @@ import pytest
 import requests
 import store as stores
 import testbed
-from invariant import NEXT_STEPS, assert_log_is_clean, diff, expected_registry
+from invariant import NEXT_STEPS, assert_log_is_clean, diff, expected_registry, log_line
 from testbed import BASE_IMAGE, HOST, REGISTER, Registrar, health, wait_for_health, wait_until
 
 import register
@@ -34,6 +34,15 @@ ROOT_PASSWORD = "root-" + secrets.token_hex(8)
 USER = "registrar-user"
 ROLE = "registrar"
 _servers = itertools.count(1)
+
+
+@pytest.fixture
+def own_registrar(own_registrar):
+    """conftest's own_registrar with LOG_FORMAT=json: what a test waits for, or checks did not
+    happen, is an event of the log with its fields (testbed.Registrar.events), not a wording."""
+    def start(**settings) -> Registrar:
+        return own_registrar(**{**settings, "env": {"LOG_FORMAT": "json", **(settings.get("env") or {})}})
+    return start
 
 
 # -- an etcd with authentication, and an operator's view of it ---------------------------------
@@ -179,9 +188,9 @@ def assert_host_key(view: stores.V3Store, host_dir: str, ttl: int, docker: testb
 # -- the log -----------------------------------------------------------------------------------
 
 def log_lines(log: str, level: str, text: str = "") -> list[str]:
-    """The messages of the text log's lines of one level that contain `text`."""
-    return [line.split(None, 2)[2] for line in log.splitlines()
-            if re.match(rf"\S+ {level} ", line) and text in line]
+    """The messages of the log's lines (text or JSON format) of one level that contain `text`."""
+    return [said[1] for said in map(log_line, log.splitlines())
+            if said and said[0] == level and text in said[1]]
 
 
 def json_entries(log: str) -> list[dict]:
@@ -215,8 +224,9 @@ RETRY = r"; \d+ container\(s\) pending; retrying in [0-9.]+ s"
 
 
 def wait_for_retries(registrar: Registrar, message: str, count: int = 3, timeout: float = 15) -> None:
+    """Until `count` attempts failed for `message` (retry events with it as their cause)."""
     def attempts() -> int:
-        return sum(message in line for line in registrar.log.splitlines())
+        return len(registrar.events("retry", cause=message))
     wait_until(lambda: attempts() >= count or registrar.process.poll() is not None,
                timeout, f"{count} attempts that say {message!r}", interval=0.1)
     assert registrar.process.poll() is None, registrar.log
@@ -271,7 +281,9 @@ def test_least_privilege_user_registers_and_deregisters_on_exit(docker, secured,
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18080)}, r)
     lease = assert_host_key(view, host_dir, 30, docker)
     assert view.lease_of(f"{host_dir}/regtest::busybox:1/{cid}") == lease
-    r.wait_for_log(f"registered web ({cid[:12]}) image regtest/busybox:1 ports 8080/tcp={HOST}:18080")
+    said = r.wait_for_event("registered", container="web", id=cid[:12])
+    assert said[0]["message"] == (f"registered web ({cid[:12]}) image regtest/busybox:1 ports "
+                                  f"8080/tcp={HOST}:18080")
     assert f"etcd {server.url} (v3 API, user {USER}), subtree {host_dir}/" in r.log
     assert f"authenticated to etcd at {server.url} as {USER!r}" in r.log
 
@@ -297,7 +309,7 @@ def test_expired_and_forgotten_tokens_are_renewed_and_no_write_is_lost(docker, s
                        "ETCD_PASSWORD_FILE": str(password_file(workdir, password))})
     view = RootStore(server)
     host_dir = f"{prefix}/{HOST}"
-    r.wait_for_log("connected to Docker")
+    r.wait_for_event("connected")
     converge(view, host_dir, {}, r)
     lease = wait_until(lambda: view.get(host_dir) and view.lease_of(host_dir), 10, "the host key")
     authenticated = f"authenticated to etcd at {server.url} as {USER!r}"
@@ -307,10 +319,10 @@ def test_expired_and_forgotten_tokens_are_renewed_and_no_write_is_lost(docker, s
         converge(view, host_dir, expected_registry(docker, prefix, HOST), r, timeout=10)
     assert len(view.records(host_dir)) == 3
     assert assert_host_key(view, host_dir, 9, docker) == lease  # kept alive throughout by the keepalives
-    assert r.log.count(authenticated) >= 4, r.log
+    assert len(r.events("authenticated", message=authenticated)) >= 4, r.log
     assert not log_lines(r.log, "warning") and not log_lines(r.log, "error"), r.log
 
-    before = r.log.count(authenticated)
+    before = len(r.events("authenticated", message=authenticated))
     old_token = authenticate(server, USER, password)
     server.stop()
     server.start()  # same data directory: the users stay
@@ -321,7 +333,7 @@ def test_expired_and_forgotten_tokens_are_renewed_and_no_write_is_lost(docker, s
     cid = start_container(docker, "after-restart", 18110)
     converge(view, host_dir, expected_registry(docker, prefix, HOST), r, timeout=15)
     assert f"{host_dir}/regtest::busybox:1/{cid}" in view.records(host_dir)
-    assert r.log.count(authenticated) > before
+    assert len(r.events("authenticated", message=authenticated)) > before
     assert_log_is_clean(r)
     assert_never_shown(r, password, ROOT_PASSWORD)
 
@@ -385,9 +397,10 @@ def test_a_wrong_password_is_one_error_until_the_operator_sets_it(docker, secure
     set_password(server, USER, new)  # the operator sets the password the file holds
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18130)}, r)
     assert_host_key(view, host_dir, 30, docker)
-    r.wait_for_log(f"last cause: {message}")
-    assert re.search(r" info +recovered after \d+ failed attempt\(s\); last cause: " + re.escape(message),
-                     r.log), r.log
+    recovered = r.wait_for_event("recovered")
+    assert recovered[0]["level"] == "info" and re.fullmatch(
+        r"recovered after \d+ failed attempt\(s\); last cause: " + re.escape(message),
+        recovered[0]["message"]), r.log
     assert_log_is_clean(r)
     assert_never_shown(r, old, new, ROOT_PASSWORD)
 
@@ -416,7 +429,7 @@ def test_an_unknown_user_is_one_error_until_the_operator_adds_it_json_log(docker
     host_dir = f"{prefix}/{HOST}"
     converge(view, host_dir, {f"{host_dir}/regtest::busybox:1/{cid}": record(cid, 18140)}, r)
     assert_host_key(view, host_dir, 30, docker)
-    r.wait_for_log('"event":"recovered"')
+    r.wait_for_event("recovered")
     entries = assert_json_log_is_clean(r)
     assert [e["container"] for e in entries if e.get("event") == "registered"] == ["web"]
     assert_never_shown(r, password, ROOT_PASSWORD)
@@ -494,8 +507,8 @@ def test_a_role_downgraded_to_read_while_running_keeps_the_lease_and_every_recor
     cause = the_error(r)  # the delete's key or the put's: the contract does not say which goes first
     assert cause in (permission_denied(stopped_key, prefix), permission_denied(third_key, prefix)), cause
     assert_said_once_then_debug(r, cause)
-    assert "retrying this container alone" not in r.log  # a permission is not one record's refusal
-    assert "had expired or been revoked" not in r.log and "re-registering everything" not in r.log
+    assert not r.events("refused")  # a permission is not one record's refusal
+    assert not r.events("host_dir_lost") and not r.events("host_value_replaced")  # nor a lost lease
     status, body = health(url)
     assert status == 503 and BLOCKED + cause in body["reasons"], body
 
@@ -677,7 +690,7 @@ def test_v2_a_role_downgraded_to_read_while_running_is_said_to_be_the_role(docke
 
         cause = the_error(r)
         assert USER in cause and "role" in cause and "write" in cause and f"{prefix}/" in cause, cause
-        assert "retrying this container alone" not in r.log
+        assert not r.events("refused")  # a permission is not one record's refusal
         assert_said_once_then_debug(r, cause)
         status, body = health(health_url)
         assert status == 503 and BLOCKED + cause in body["reasons"], body

@@ -50,13 +50,17 @@ def server(workdir, request):
 def test_v2_against_an_etcd_without_v2_exits_with_code_2_and_says_what_to_change(
         docker, own_registrar, server):
     etcd = server("nov2", "3.5", False)
-    r = run_to_exit(own_registrar, endpoint=etcd.endpoint, env={"ETCD_API": "2"})
+    r = run_to_exit(own_registrar, endpoint=etcd.endpoint, env={"ETCD_API": "2", "LOG_FORMAT": "json"})
     assert r.process.returncode == 2
     line = (f"register.py: error: ETCD_API=2 but etcd at {etcd.url} (etcd 3.5.1) does not serve the v2 API "
             "(etcd 3.4 and 3.5 serve it only when started with --enable-v2=true, 3.6 and later not at all); "
             "set ETCD_API=3 (--etcd-api 3) to register with the v3 API, or enable v2 on every member\n")
     assert r.log.endswith(line) and r.log.count("register.py: error:") == 1
-    assert "Traceback" not in r.log and "retrying in" not in r.log
+    assert "Traceback" not in r.log
+    # every line that says "retrying in" (or "reconnecting in") carries retry_in; txn_limit retries
+    # in smaller transactions
+    retried = [e for e in r.entries() if "retry_in" in e or e.get("event") in ("retry", "txn_limit")]
+    assert retried == [], r.log  # it exits, at once
 
 
 def test_v3_against_an_etcd_whose_gateway_is_off_exits_with_code_2(docker, own_registrar, server):
@@ -75,12 +79,16 @@ def test_the_cluster_is_judged_not_one_member(docker, own_registrar, server, pre
     without, with_v2 = server("m1", "3.4", False), server("m2", "3.4", True)
     dead = f"127.0.0.1:{testbed.free_port()}"
     cid = docker.out("run", "-d", "-p", "80", BASE_IMAGE)
-    r = own_registrar(endpoint=f"{without.endpoint},{dead},{with_v2.endpoint}", env={"ETCD_API": "2"})
+    r = own_registrar(endpoint=f"{without.endpoint},{dead},{with_v2.endpoint}",
+                      env={"ETCD_API": "2", "LOG_FORMAT": "json"})
     client = with_v2.client()
     expected = expected_registry(docker, prefix, HOST)
     assert list(expected) == [f"{prefix}/{HOST}/regtest::busybox:1/{cid}"]
     wait_until(lambda: testbed.read_tree(client, f"{prefix}/{HOST}") == expected, 30, "the record")
-    assert (f"etcd at {without.url} failed: HTTP 404" not in r.log)  # lacking is not failing
+    failed = [e for e in r.entries() if e.get("endpoint") == without.url
+              or f"etcd at {without.url} failed" in str(e.get("cause", ""))]
+    assert failed == [], failed  # lacking is not failing
+    assert r.events("endpoint_down", endpoint=f"http://{dead}")
     assert f"etcd at http://{dead} failed: connection refused; using {with_v2.url}" in r.log
     lacking = run_to_exit(own_registrar, endpoint=f"{dead},{without.endpoint}", env={"ETCD_API": "2"},
                           host="10.99.0.2")
@@ -108,13 +116,13 @@ def test_a_cold_sync_costs_one_transaction_per_128_records_and_an_event_one_requ
 
 def test_one_event_is_one_write_request(docker, own_registrar, server):
     etcd = server("event", "3.5", False)
-    r = own_registrar(endpoint=etcd.endpoint, env={"ETCD_API": "3"})
-    r.wait_for_log("full reconcile")
+    r = own_registrar(endpoint=etcd.endpoint, env={"ETCD_API": "3", "LOG_FORMAT": "json"})
+    r.wait_for_event("reconciled")
     before = {method: etcd.grpc_calls(method) for method in ("Txn", "Put", "DeleteRange")}
     cid = docker.out("run", "-d", "--name", "one-request", "-p", "80", BASE_IMAGE)
-    r.wait_for_log(f"registered one-request ({cid[:12]})")
+    r.wait_for_event("registered", container="one-request", id=cid[:12])
     docker.docker("rm", "-f", cid)
-    r.wait_for_log(f"removed one-request ({cid[:12]})")
+    r.wait_for_event("removed", container="one-request", id=cid[:12])
     after = {method: etcd.grpc_calls(method) for method in before}
     assert {method: after[method] - before[method] for method in before} == {"Txn": 2, "Put": 0,
                                                                             "DeleteRange": 0}

@@ -495,6 +495,51 @@ class Registrar:
             return text in self.log
         wait_until(seen, timeout, f"{text!r} in register.py's log")
 
+    # -- the structured log (LOG_FORMAT=json): what did or did not happen, whatever the wording --
+
+    @property
+    def json_log(self) -> bool:
+        """Started with LOG_FORMAT=json (or --log-format json): each log line an object with its
+        `event` and fields."""
+        args = " ".join(self.args)
+        return (self.env.get("LOG_FORMAT") == "json" or "--log-format json" in args
+                or "--log-format=json" in args)
+
+    def entries(self, since: int = 0) -> list[dict]:
+        """The JSON log's entries, oldest first, from character `since` of the log on (its length
+        at some moment); a line that is no JSON object (what register.py prints on exit, a line
+        still being written) is left out. Refused on the text format, where every line would be
+        left out and a check that an event is absent would pass whatever happened."""
+        if not self.json_log:
+            raise ValueError("register.py was not started with LOG_FORMAT=json: its lines carry no event")
+        found = []
+        for line in self.log[since:].splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    found.append(json.loads(line))
+        return found
+
+    def events(self, name: str, **fields) -> list[dict]:
+        """The entries of event `name` whose fields equal `fields` (a callable field value is a
+        predicate on the field's value), oldest first."""
+        def matches(entry: dict) -> bool:
+            return entry.get("event") == name and all(
+                expected(entry.get(field)) if callable(expected) else entry.get(field) == expected
+                for field, expected in fields.items())
+        return [entry for entry in self.entries() if matches(entry)]
+
+    def wait_for_event(self, name: str, timeout: float = 20, count: int = 1, **fields) -> list[dict]:
+        """Until the log holds `count` entries of event `name` with these fields (as `events`);
+        returns them. Fails at once if register.py exits before."""
+        def seen():
+            found = self.events(name, **fields)
+            if len(found) < count and self.process.poll() is not None:
+                found = self.events(name, **fields)  # written just before it exited
+                if len(found) < count:
+                    raise RuntimeError(f"register.py exited with {self.process.returncode}:\n{self.log}")
+            return found if len(found) >= count else None
+        return wait_until(seen, timeout, f"{count} event(s) {name!r} with {fields} in register.py's log")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
