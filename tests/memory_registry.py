@@ -7,7 +7,7 @@ the owner record and guards every write, a read writes nothing. `MemoryStore` is
 of the keyspace, as tests/store.py's are of a real etcd.
 
 It passes the same contract suite as the two etcd adapters (tests/test_contract.py, the `memory`
-backend), which is what lets the reconciler's own tests (tests/test_timing.py) run on it, in the
+backend), which is what lets the reconciler's own tests (tests/test_reconciler.py) run on it, in the
 fast tier: no server, no network, no root. The integration and chaos suites keep proving the
 reconciler against the real processes.
 

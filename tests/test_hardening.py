@@ -22,7 +22,7 @@ import pytest
 import requests
 from faults import OddDocker, RefusingEtcd, rss_kib
 from invariant import Invariant, assert_log_is_clean, expected_value, log_line
-from test_integration import IMAGE, converge, host_port, rec, val
+from test_service import IMAGE, converge, host_port, rec, val
 from testbed import BASE_IMAGE, HOST, REGISTER, free_port, read_tree, wait_until
 
 import register

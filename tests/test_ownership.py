@@ -253,7 +253,7 @@ def test_a_second_engine_with_the_same_host_ip_writes_nothing_until_the_first_le
 
 def test_a_restart_on_the_same_engine_adopts_its_own_and_writes_nothing(docker, ids, client, registrar,
                                                                          prefix):
-    """What test_integration's test_a_restart_of_the_service_writes_nothing checks, with the engine
+    """What test_service's test_a_restart_of_the_service_writes_nothing checks, with the engine
     in the marker: the restarted registrar finds its own engine there and rewrites nothing."""
     first_id, _ = ids
     host_dir = f"{prefix}/{HOST}"

@@ -1,4 +1,5 @@
-"""Time logic under a frozen clock: backoff schedules, TTL refresh and resync timing.
+"""The reconciler, under a frozen clock: its backoff schedules, heartbeat and resync timing, and its
+behaviour (requeue, refusals, coalescing, a lease lost).
 
 The reconciler is driven step by step through its public methods (step, mark_dirty, queue, status)
 with a fake engine. Its timing tests (heartbeat, resync) count the requests of a registry made
