@@ -18,7 +18,8 @@ from testbed import HOST, REGISTER, health, wait_for_health, wait_until
 
 import register
 
-pytestmark = pytest.mark.integration
+# No module-wide marker: the report's tests and the healthcheck client's are pure (fast tier); the
+# others start a registrar, whose fixtures depend on the test bed's (tests/conftest.py).
 
 
 # -- the report's limits, exactly (a clock of the test's own; plain objects for its inputs) -------
