@@ -1534,24 +1534,30 @@ class HostScope:
 
     The scope is a set of key spaces (`spaces`), one per index a record is kept under: today
     one, the host directory `<prefix>/<HOST_IP>`, which also holds the host's liveness (the v2
-    directory's TTL, the v3 host key). Every write, refresh and delete of a registry adapter
-    names its key through `check`, which passes only a key space itself (where asked for) and
-    keys below one without an empty,
-    `.` or `..` segment (etcd v2 resolves them, so `<host dir>/../x` would land outside), and
-    returns the key as it goes into a URL (python-etcd puts keys into URLs as they are). The keys
-    this service makes hold only key characters; a key found in etcd below the host directory may
-    hold any (an operator's `foo bar`): it is escaped, so that exactly that key is deleted. On v3
-    (`flat`) keys are plain byte strings that nothing resolves: a found key needs only to start
-    with `<prefix>/<HOST_IP>/`.
+    directory's TTL, the v3 host key). A space of another index may hold `*` segments, each
+    standing for any one segment: `<services-prefix>/*/<HOST_IP>` is this host's part of a
+    services index, whichever service's name is in the `*`'s place, and never another host's.
+    `owns` says whether a key read from etcd lies below one of the spaces; `reads` are the
+    subtrees a read covers (the part of each space above its first `*`), whose keys a read
+    filters through `owns`.
+
+    Every write, refresh and delete of a registry adapter names its key through `check`, which
+    passes only a key space itself (where asked for) and keys below one without an empty, `.` or
+    `..` segment (etcd v2 resolves them, so `<host dir>/../x` would land outside), and returns the
+    key as it goes into a URL (python-etcd puts keys into URLs as they are). The keys this service
+    makes hold only key characters; a key found in etcd below the host directory may hold any (an
+    operator's `foo bar`): it is escaped, so that exactly that key is deleted. On v3 (`flat`) keys
+    are plain byte strings that nothing resolves: a found key needs only to lie below a space.
     """
 
-    def __init__(self, prefix: str, host_ip: str, flat: bool = False):
+    def __init__(self, prefix: str, host_ip: str, flat: bool = False, indexes: Iterable[str] = ()):
         self.prefix = prefix
         self.host_dir = f"{prefix}/{host_ip}"
-        self.spaces: tuple[str, ...] = (self.host_dir,)  # the host index; another index adds its own
+        self.spaces: tuple[str, ...] = (self.host_dir, *indexes)  # the host index first
         self.flat = flat
         for space in self.spaces:
-            if not self._clean(space[1:]):
+            if not space.startswith("/") or not all(part == "*" or self._clean(part)
+                                                    for part in space[1:].split("/")):
                 raise OutsideScope(f"{space!r} is not a clean etcd path")
 
     @staticmethod
@@ -1560,16 +1566,39 @@ class HostScope:
         return all(segment not in ("", ".", "..") and (found or KEY_SEGMENT_RE.fullmatch(segment))
                    for segment in path.split("/"))
 
+    def _space_of(self, key: str, found: bool = False) -> str | None:
+        """The space `key` lies strictly below, as `key` spells it (its `*` segments filled in)."""
+        parts = key.split("/")
+        for space in self.spaces:
+            pattern = space.split("/")
+            if len(parts) > len(pattern) and all(
+                    want == part or (want == "*" and self._clean(part, found))
+                    for want, part in zip(pattern, parts)):
+                return "/".join(parts[:len(pattern)])
+        return None
+
+    def owns(self, key: str) -> bool:
+        """A key found in etcd lies below one of this host's spaces."""
+        return self._space_of(key, found=True) is not None
+
+    def reads(self) -> tuple[str, ...]:
+        """The subtrees a read of this host's records covers, the host directory first."""
+        heads = []
+        for space in self.spaces:
+            head = space.split("/*", 1)[0]
+            if head not in heads:
+                heads.append(head)
+        return tuple(heads)
+
     def check(self, key: str, host_dir: bool = False, found: bool = False) -> str:
         """The URL form of `key` when it is this host's to change; raises OutsideScope otherwise.
         `found`: a key read from etcd below the host directory, which may hold any character."""
-        if key in self.spaces:
+        if key in self.spaces and "*" not in key:
             if host_dir:
                 return key
         else:
-            for space in self.spaces:
-                if not key.startswith(space + "/"):
-                    continue
+            space = self._space_of(key, found)
+            if space is not None:
                 if found and self.flat:
                     return key  # v3 sends keys as bytes (base64), never in a URL: any byte is fine
                 if self._clean(key[len(space) + 1:], found):
@@ -2241,10 +2270,13 @@ class EtcdV2Registry(Registry):
         self._claimed = self._check_owner(self._owner_node()) is not None
         dirs: set[str] = set()
         leaves = self._leaves(top, self.host_dir, dirs)
-        for space in self.scope.spaces[1:]:  # another index's key space: plain directories
+        for head in self.scope.reads()[1:]:  # another index's key space: plain directories
             with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
-                top = self._call(lambda c, k=space: c.read(k, recursive=True), space)
-                leaves.update(self._leaves(top, space, dirs))
+                top = self._call(lambda c, k=head: c.read(k, recursive=True), head)
+                below: set[str] = set()
+                leaves.update(self._leaves(top, head, below))
+                dirs.update(key for key in below if self.scope.owns(key))
+        leaves = {key: value for key, value in leaves.items() if self.scope.owns(key)}
         self._dirs = dirs
         return Records(leaves)
 
@@ -2671,7 +2703,7 @@ class EtcdV3Registry(Registry):
                 [_unb64(key) for key in answer.get("keys") or []])
 
     def _ours(self, key: str) -> bool:
-        return key == self.host_dir or key.startswith(self.host_dir + "/")
+        return key == self.host_dir or self.scope.owns(key)
 
     def _say_foreign(self, lease: int, keys: list[str], then: str) -> list[str]:
         """Keys of others that ride on this host's lease: never deleted here, never a reason to
@@ -2836,15 +2868,14 @@ class EtcdV3Registry(Registry):
         (AddressConflict). A reader that holds no lease (a dry run) compares the records with the
         host key's lease."""
         host, kvs = None, []
-        for space in self.scope.spaces:
-            start = space + "/"
-            answer = self._post("/kv/range", {"key": _b64(space), "range_end": _b64(_range_end(start))},
-                                space)
+        for head in self.scope.reads():
+            answer = self._post("/kv/range", {"key": _b64(head), "range_end": _b64(_range_end(head + "/"))},
+                                head)
             for kv in answer.get("kvs") or []:
                 key = _unb64(kv.get("key"))
                 if key == self.host_dir:
                     host = kv
-                elif key.startswith(start):  # not <prefix>/10.0.0.1-x, which sorts in between
+                elif self.scope.owns(key):  # not <prefix>/10.0.0.1-x, which sorts in between
                     kvs.append((key, kv))
         self._check_owner(host)
         with self._lock:
@@ -2954,9 +2985,11 @@ class EtcdV3Registry(Registry):
         self.scope.check(self.host_dir, host_dir=True)
         guard = [{"key": _b64(self.host_dir), "target": "VALUE", "result": "EQUAL",
                   "value": _b64(self._host_stored)}]
+        # every key space of this host's scope (one of `*` segments, the next issue's services
+        # index, is not one range: its keys will be deleted one by one, as found by a read)
         ranges = [{"request_delete_range": {"key": _b64(f"{space}/"),
                                             "range_end": _b64(_range_end(f"{space}/"))}}
-                  for space in self.scope.spaces]  # every key space of this host's scope
+                  for space in self.scope.spaces if "*" not in space]
         answer = self._post("/kv/txn", {"compare": guard, "success": [
             *ranges, {"request_delete_range": {"key": _b64(self.host_dir)}}]}, self.host_dir, final=True)
         if not answer.get("succeeded"):

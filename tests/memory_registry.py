@@ -226,7 +226,7 @@ class MemoryRegistry(register.Registry):
 
     def _say_foreign(self, lease: int) -> list[str]:
         foreign = [key for key in self.etcd.keys_on(lease)
-                   if key != self.host_dir and not key.startswith(self.host_dir + "/")]
+                   if key != self.host_dir and not self.scope.owns(key)]
         if foreign and frozenset(foreign) != self._foreign_said:
             register.log_event(logging.WARNING, f"keys that are not this host's ride on lease {lease:x} "
                                f"of {self.host_dir}: {', '.join(foreign)}; they are kept as they are",
@@ -257,8 +257,9 @@ class MemoryRegistry(register.Registry):
         with self.etcd.lock:
             host = self.etcd.get(self.host_dir)
             kvs = {}
-            for space in self.scope.spaces:
-                kvs.update(self.etcd.range(space + "/"))
+            for head in self.scope.reads():
+                kvs.update((key, kv) for key, kv in self.etcd.range(head + "/").items()
+                           if self.scope.owns(key))
         self._check_owner(host)
         lease = self.lease
         if lease is None and self.ttl and host is not None:
@@ -314,8 +315,8 @@ class MemoryRegistry(register.Registry):
                 register.log_event(logging.WARNING, f"not deleting {self.host_dir}/ on exit: its host key "
                                    "no longer holds this registrar's record", event="deregister_skipped")
                 return False
-            for space in self.scope.spaces:
-                for key in self.etcd.range(space + "/"):
+            for head in self.scope.reads():
+                for key in [key for key in self.etcd.range(head + "/") if self.scope.owns(key)]:
                     self.etcd.delete(key)
             self.etcd.delete(self.host_dir)
             lease, self.lease = self.lease, None
