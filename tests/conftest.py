@@ -141,8 +141,12 @@ def prefix() -> str:
     return f"/it{next(_prefixes)}/registered"
 
 
-def _registrars(workdir, engine, prefix: str, endpoint: str | None, api: int):
-    """start(**settings) runs register.py with this test's prefix; all are killed at teardown."""
+def _registrars(workdir, engine, prefix: str, endpoint: str | None, api: int, request):
+    """start(**settings) runs register.py with this test's prefix; all are killed at teardown. In a
+    test marked `json_log` it logs in the JSON format unless `env` says otherwise: what the test
+    waits for, or checks did not happen, is an event of the log with its fields
+    (testbed.Registrar.events), not a wording."""
+    json_log = {"LOG_FORMAT": "json"} if request.node.get_closest_marker("json_log") else {}
     started: list[Registrar] = []
 
     def start(host: str = HOST, ttl: int = 60, resync: int = 60, args: tuple = (),
@@ -154,7 +158,7 @@ def _registrars(workdir, engine, prefix: str, endpoint: str | None, api: int):
                     "DOCKER_HOST": docker_host or engine.host,
                     "REGISTER_PREFIX": prefix, "REGISTER_TTL": str(ttl),
                     "REGISTER_RESYNC": str(resync), "LOG_LEVEL": "debug",
-                    "ETCD_API": str(api), **(env or {})}
+                    "ETCD_API": str(api), **json_log, **(env or {})}
         started.append(Registrar(workdir, settings, list(args), wrapper=list(wrapper)).start())
         return started[-1]
 
@@ -164,16 +168,16 @@ def _registrars(workdir, engine, prefix: str, endpoint: str | None, api: int):
 
 
 @pytest.fixture
-def registrar(workdir, etcd_server, engine, prefix):
+def registrar(workdir, etcd_server, engine, prefix, request):
     """register.py against the suite's etcd, through this run's flavour's API."""
-    yield from _registrars(workdir, engine, prefix, etcd_server.endpoint, etcd_server.api)
+    yield from _registrars(workdir, engine, prefix, etcd_server.endpoint, etcd_server.api, request)
 
 
 @pytest.fixture
-def own_registrar(workdir, engine, prefix):
+def own_registrar(workdir, engine, prefix, request):
     """register.py against an etcd of the test's own (`endpoint=` is required; the API is 2 unless
     `env` sets ETCD_API): not parametrized by the flavour, so such a test runs once."""
-    yield from _registrars(workdir, engine, prefix, None, 2)
+    yield from _registrars(workdir, engine, prefix, None, 2, request)
 
 
 def pytest_terminal_summary(terminalreporter):

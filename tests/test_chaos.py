@@ -22,20 +22,11 @@ import docker as docker_sdk
 import pytest
 from faults import Churn, OddDocker, Partition, Pauser, paused, rss_kib, threads
 from invariant import Invariant, assert_log_is_clean, expected_registry, history, record
-from testbed import BASE_IMAGE, HOST, EtcdCluster, Registrar, end, read_tree, wait_until
+from testbed import BASE_IMAGE, HOST, EtcdCluster, end, read_tree, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.json_log]
 
 _names = itertools.count(1)
-
-
-@pytest.fixture
-def registrar(registrar):
-    """conftest's registrar with LOG_FORMAT=json: what a test waits for, or checks did not happen,
-    is an event of the log with its fields (testbed.Registrar.events), not a wording."""
-    def start(**settings) -> Registrar:
-        return registrar(**{**settings, "env": {"LOG_FORMAT": "json", **(settings.get("env") or {})}})
-    return start
 
 
 def start(engine, *args: str) -> str:

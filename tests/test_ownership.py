@@ -25,20 +25,11 @@ from testbed import BASE_IMAGE, HOST, Registrar, health, read_tree, wait_for_hea
 
 import register
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.json_log]
 
 IMAGE = "regtest::busybox:1"
 BLOCKED = "blocked until an operator acts: "
 CONFLICT = "claimed by two Docker engines"
-
-
-@pytest.fixture
-def registrar(registrar):
-    """conftest's registrar with LOG_FORMAT=json: what a test waits for, or checks did not happen,
-    is an event of the log with its fields (testbed.Registrar.events), not a wording."""
-    def start(**settings) -> Registrar:
-        return registrar(**{**settings, "env": {"LOG_FORMAT": "json", **(settings.get("env") or {})}})
-    return start
 
 
 # -- a second engine ----------------------------------------------------------------------------
@@ -185,10 +176,6 @@ def entries(registrar: Registrar) -> list[dict]:
              and not any(step in e["message"] for step in NEXT_STEPS)]
     assert not vague, "log lines that do not say what happens next:\n" + "\n".join(vague)
     return found
-
-
-
-
 
 
 def start_second(registrar, docker2, env: dict | None = None) -> tuple[Registrar, str]:

@@ -28,21 +28,12 @@ from testbed import BASE_IMAGE, HOST, REGISTER, Registrar, health, wait_for_heal
 
 import register
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.json_log]
 
 ROOT_PASSWORD = "root-" + secrets.token_hex(8)
 USER = "registrar-user"
 ROLE = "registrar"
 _servers = itertools.count(1)
-
-
-@pytest.fixture
-def own_registrar(own_registrar):
-    """conftest's own_registrar with LOG_FORMAT=json: what a test waits for, or checks did not
-    happen, is an event of the log with its fields (testbed.Registrar.events), not a wording."""
-    def start(**settings) -> Registrar:
-        return own_registrar(**{**settings, "env": {"LOG_FORMAT": "json", **(settings.get("env") or {})}})
-    return start
 
 
 # -- an etcd with authentication, and an operator's view of it ---------------------------------
@@ -252,10 +243,6 @@ def assert_said_once_then_debug(registrar: Registrar, message: str) -> None:
 # -- the health signal -------------------------------------------------------------------------
 
 BLOCKED = "blocked until an operator acts: "  # how /healthz says an error that waits for an operator
-
-
-
-
 
 
 def the_error(registrar: Registrar) -> str:

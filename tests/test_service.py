@@ -20,18 +20,9 @@ from testbed import BASE_IMAGE, HOST, Registrar, read_tree, wait_until
 
 import register
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.json_log]
 
 IMAGE = "regtest::busybox:1"
-
-
-@pytest.fixture
-def registrar(registrar):
-    """conftest's registrar with LOG_FORMAT=json: what a test waits for, or checks did not happen,
-    is an event of the log with its fields (testbed.Registrar.events), not a wording."""
-    def start(**settings) -> Registrar:
-        return registrar(**{**settings, "env": {"LOG_FORMAT": "json", **(settings.get("env") or {})}})
-    return start
 
 
 def rec(cid: str, ip: str, public, private, kind: str = "tcp", image: str = IMAGE) -> str:
