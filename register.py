@@ -2273,10 +2273,10 @@ class EtcdV2Registry(Registry):
         for head in self.scope.reads()[1:]:  # another index's key space: plain directories
             with contextlib.suppress(etcd.EtcdKeyNotFound, etcd.EtcdNotDir):
                 top = self._call(lambda c, k=head: c.read(k, recursive=True), head)
-                below: set[str] = set()
-                leaves.update(self._leaves(top, head, below))
+                below: set[str] = set()  # of this host and of others: only this host's are kept
+                leaves.update((key, value) for key, value in self._leaves(top, head, below).items()
+                              if self.scope.owns(key))
                 dirs.update(key for key in below if self.scope.owns(key))
-        leaves = {key: value for key, value in leaves.items() if self.scope.owns(key)}
         self._dirs = dirs
         return Records(leaves)
 
@@ -3375,7 +3375,6 @@ class Reconciler:
     failure, and every `resync` seconds.
     """
 
-    MAX_DIRTY = WorkQueue.MAX_DIRTY
     WORKERS = 8
 
     def __init__(self, config: Config, registry: Registry, engine: DockerEngine,
@@ -3396,7 +3395,6 @@ class Reconciler:
         # to succeed in between does not reset: a bug that recurs can never loop without a wait
         self._bugs = schedule()
         self._bug_at = 0.0
-        self._down: str | None = None  # what failed last, until it works again
         self._lost_streak = 0  # HostLost in a row, without a step that worked in between
         self._error_said = 0.0  # when an error that waits for an operator was last logged
         # the last warning about each container that is not registered (odd data, too large): said
@@ -3473,7 +3471,7 @@ class Reconciler:
         delay = (schedule or self._failures).next_delay()
         if level >= logging.ERROR:  # waits for an operator: said again once a minute, not per retry
             now = time.monotonic()
-            if cause == self._down and now - self._error_said < 60:
+            if cause == self.status.snapshot().last_error and now - self._error_said < 60:
                 level = logging.DEBUG
             else:
                 self._error_said = now
@@ -3481,15 +3479,14 @@ class Reconciler:
         log_event(level,
                   f"{cause}; {pending} container(s) pending; retrying in {delay:.1f} s",
                   event=event, cause=cause, retry_in=round(delay, 3), pending=pending, **fields)
-        self._down = cause
         self.status.update(last_error=cause)
         self.stop.wait(delay)
 
     def _recovered(self) -> None:
-        if self._down is not None:
+        down = self.status.snapshot().last_error  # what failed last, until it works again
+        if down is not None:
             log_event(logging.INFO, f"recovered after {self._failures.failures} failed attempt(s); "
-                      f"last cause: {self._down}", event="recovered")
-            self._down = None
+                      f"last cause: {down}", event="recovered")
         self.status.update(last_error=None, blocked=None)
         self._lost_streak = 0
         self._failures.reset()
